@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` (set up, then run the notebook series on the embedded
+# default) and `make test` (set up, then run the test suite). Both do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch/torchvision pair to install first; override on machines that need another build,
+# e.g. `make test TORCH="torch torchvision"`.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup data browser demo test quick-demo clean-runs
+
+setup: $(VENV)/.installed data browser
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Fashion-MNIST for the pretext task: found locally, or from the Debian package (installed when root).
+data: $(VENV)/.installed
+	$(BIN)/python -m bissl_kit.data prepare --allow-apt
+
+# Chromium lets kaleido export PNG figures; without it the figures are written as HTML only.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian chromium (PNG export of figures)"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
+	  || echo "warning: chromium could not be installed; figures will be HTML only"; \
+	else echo "note: no chromium and no root/apt-get; figures will be HTML only"; fi
+
+demo: setup
+	$(BIN)/python -m bissl_kit.notebooks run
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean-runs:
+	rm -rf runs notebooks/executed

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Two cores are shared by the test process and the notebook kernels it starts.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_pretrain(tmp_path):
+    """The smallest pre-training config that still exercises every part of the loop."""
+    from bissl_kit.pretrain import PretrainConfig
+    return PretrainConfig(steps=6, batch_size=16, warmup_steps=2, width=4, proj_hidden=32, proj_dim=16,
+                          knn_every=3, checkpoint_every=3, progress=False, device="cpu",
+                          out_dir=str(tmp_path / "pretrain"))

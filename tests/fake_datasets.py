@@ -1,0 +1,186 @@
+"""Writers of tiny copies of the paper's datasets in their real on-disk formats.
+
+Each writer puts files under ``root`` exactly where torchvision's reader looks (see
+``torchvision/datasets/<reader>.py``) and returns {reader split: [labels]}. Every image is a
+uniform colour that encodes its label (:func:`shade`), so a test can check that the image an item
+yields belongs to the label it yields. Sizes are non-square (HEIGHT×WIDTH) so the resize + centre
+crop matters.
+
+CIFAR-10/100, STL10 and Flowers102 files are also checked by md5 against the official archives, so
+the readers reject these copies; see tests/test_data.py for how that is handled.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HEIGHT, WIDTH = 20, 12
+
+
+def shade(label: int) -> int:
+    """The grey level every pixel of an image of class ``label`` has."""
+    return 30 + 40 * label
+
+
+def _jpg(path: Path, label: int, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = shade(label) if mode == "L" else (shade(label),) * 3
+    Image.new(mode, (WIDTH, HEIGHT), colour).save(path, quality=95)
+
+
+def _labels(classes: int, per_class: int) -> list[int]:
+    return [c for _ in range(per_class) for c in range(classes)]  # interleaved, like real files
+
+
+def _pixels(labels, side: int) -> np.ndarray:
+    """uint8 N×3×side×side, uniform per image."""
+    return np.broadcast_to(np.array([shade(y) for y in labels], np.uint8)[:, None, None, None],
+                           (len(labels), 3, side, side)).copy()
+
+
+def write_cifar10(root: Path) -> dict:
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    splits = {"train": [], "test": _labels(5, 4)}
+    for i in range(1, 6):  # the reader needs all five batches
+        labels = _labels(5, 2)
+        splits["train"] += labels
+        _pickle(base / f"data_batch_{i}", {"data": _pixels(labels, 32).reshape(len(labels), -1), "labels": labels})
+    _pickle(base / "test_batch", {"data": _pixels(splits["test"], 32).reshape(-1, 3072), "labels": splits["test"]})
+    _pickle(base / "batches.meta", {"label_names": [f"class{c}" for c in range(10)]})
+    return splits
+
+
+def write_cifar100(root: Path) -> dict:
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    splits = {"train": _labels(5, 10), "test": _labels(5, 2)}
+    for name, labels in splits.items():
+        _pickle(base / name, {"data": _pixels(labels, 32).reshape(len(labels), -1), "fine_labels": labels,
+                              "coarse_labels": [y // 5 for y in labels]})
+    _pickle(base / "meta", {"fine_label_names": [f"c{c}" for c in range(100)],
+                            "coarse_label_names": [f"s{c}" for c in range(20)]})
+    return splits
+
+
+def _pickle(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_stl10(root: Path) -> dict:
+    base = root / "stl10_binary"
+    base.mkdir(parents=True)
+    splits = {"train": _labels(4, 5), "test": _labels(4, 2)}
+    for name, labels in splits.items():
+        # Images are stored column-major (the reader transposes H and W); labels are 1-based.
+        _pixels(labels, 96).transpose(0, 1, 3, 2).tofile(base / f"{name}_X.bin")
+        (np.array(labels, np.uint8) + 1).tofile(base / f"{name}_y.bin")
+    _pixels([0], 96).tofile(base / "unlabeled_X.bin")
+    (base / "class_names.txt").write_text("\n".join(f"class{c}" for c in range(10)))
+    return splits
+
+
+def write_flowers102(root: Path) -> dict:
+    from scipy.io import savemat
+    base = root / "flowers-102"
+    labels = _labels(3, 4)  # image ids 1..12
+    for image_id, y in enumerate(labels, 1):
+        _jpg(base / "jpg" / f"image_{image_id:05d}.jpg", y)
+    savemat(base / "imagelabels.mat", {"labels": np.array([labels], np.uint8) + 1})  # 1-based, 1×N
+    ids = np.arange(1, 13, dtype=np.uint16)
+    savemat(base / "setid.mat", {"trnid": ids[None, :6], "valid": ids[None, 6:9], "tstid": ids[None, 9:]})
+    return {"train": labels[:6], "val": labels[6:9], "test": labels[9:]}
+
+
+def write_dtd(root: Path) -> dict:
+    base = root / "dtd" / "dtd"
+    classes = ["banded", "blotchy", "braided"]  # the reader numbers the classes in sorted order
+    splits = {"train": _labels(3, 3), "val": _labels(3, 2), "test": _labels(3, 2)}
+    counter = 0
+    for split, labels in splits.items():
+        lines = []
+        for y in labels:
+            counter += 1
+            name = f"{classes[y]}_{counter:04d}.jpg"
+            _jpg(base / "images" / classes[y] / name, y)
+            lines.append(f"{classes[y]}/{name}")
+        (base / "labels").mkdir(parents=True, exist_ok=True)
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+    return splits
+
+
+def write_pets(root: Path) -> dict:
+    base = root / "oxford-iiit-pet"
+    breeds = ["Abyssinian", "american_bulldog", "Bengal"]
+    splits = {"trainval": _labels(3, 5), "test": _labels(3, 2)}
+    (base / "annotations").mkdir(parents=True)
+    counter = 0
+    for split, labels in splits.items():
+        lines = []
+        for y in labels:
+            counter += 1
+            image_id = f"{breeds[y]}_{counter}"
+            _jpg(base / "images" / f"{image_id}.jpg", y)
+            lines.append(f"{image_id} {y + 1} {1 + (y == 1)} 1")  # id, class (1-based), species, breed id
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return splits
+
+
+def write_aircraft(root: Path) -> dict:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    variants = ["707-320", "A320", "Cessna 172"]  # names may contain spaces; the reader splits once
+    (data / "images").mkdir(parents=True)
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    splits = {"train": _labels(3, 3), "val": _labels(3, 2), "test": _labels(3, 2)}
+    counter = 1_000_000
+    for split, labels in splits.items():
+        lines = []
+        for y in labels:
+            counter += 1
+            _jpg(data / "images" / f"{counter}.jpg", y)
+            lines.append(f"{counter} {variants[y]}")
+        (data / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+    return splits
+
+
+def write_food101(root: Path) -> dict:
+    base = root / "food-101"
+    classes = ["apple_pie", "baby_back_ribs", "baklava"]
+    splits = {"train": _labels(3, 5), "test": _labels(3, 2)}
+    (base / "meta").mkdir(parents=True)
+    counter = 0
+    for split, labels in splits.items():
+        meta = {c: [] for c in classes}
+        for y in labels:
+            counter += 1
+            _jpg(base / "images" / classes[y] / f"{counter}.jpg", y)
+            meta[classes[y]].append(f"{classes[y]}/{counter}")
+        (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
+    # The reader lists images class by class, in the json's order.
+    return {split: sorted(labels) for split, labels in splits.items()}
+
+
+CALTECH_COUNTS = {"Faces": 31, "accordion": 32, "airplanes": 34}  # the protocol needs > 30 per class
+
+
+def write_caltech101(root: Path) -> dict:
+    base = root / "caltech101" / "101_ObjectCategories"
+    _jpg(base / "BACKGROUND_Google" / "image_0001.jpg", 0)  # the reader drops this folder, and needs it
+    labels = []
+    for y, (category, n) in enumerate(sorted(CALTECH_COUNTS.items())):
+        for i in range(1, n + 1):
+            # Real Caltech101 has some grayscale JPEGs: every third one here is.
+            _jpg(base / category / f"image_{i:04d}.jpg", y, mode="L" if i % 3 == 0 else "RGB")
+        labels += [y] * n
+    return {"all": labels}
+
+
+WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "stl10": write_stl10,
+           "flowers102": write_flowers102, "dtd": write_dtd, "pets": write_pets, "aircraft": write_aircraft,
+           "food101": write_food101, "caltech101": write_caltech101}

@@ -1,0 +1,276 @@
+"""Stage 1: self-supervised pre-training (SimCLR or BYOL) with LARS and warm-up + cosine.
+
+``Pretrainer(cfg).run()`` is a generator of per-step records, so a notebook can update a live plot
+while the same code runs headless. The run writes into ``cfg.out_dir``:
+
+* ``checkpoint.pt``: config, step, backbone/head/optimiser state (atomic; the run resumes from it);
+* ``metrics.jsonl``: one JSON record per step (loss, lr) and per k-NN evaluation;
+* ``config.json``: the config, for humans.
+
+Every random draw (batch order, augmentations) comes from a generator derived from (seed, step), so
+a resumed run is bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import data as data_mod
+from .augment import simclr_specs, two_views
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, param
+from .evaluate import extract_features, knn_accuracy
+from .models import ARCHS, build_backbone
+from .optim import LARS, set_lr, warmup_cosine
+from .pretext import METHODS, build_pretext
+from .rng import generator, resolve_device
+
+CHECKPOINT_KIND = "pretrain"
+
+
+@dataclass(frozen=True)
+class PretrainConfig(Config):
+    # Data
+    pretext_dataset: str = param("fashion_mnist", "pretext images (labels unused)", choices=("fashion_mnist",))
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    image_size: int = param(28, "side of the square training images, in pixels", low=8, high=512)
+    # Model
+    arch: str = param("resnet18", "backbone architecture", choices=tuple(ARCHS))
+    width: int = param(16, "channels of layer1 (64 = standard ResNet, 16 = narrow CPU default)", low=1, high=512)
+    small_stem: bool = param(True, "3×3 stride-1 stem without max-pool (for small images)")
+    method: str = param("simclr", "pretext method", choices=METHODS)
+    temperature: float = param(0.5, "SimCLR NT-Xent temperature τ", low=0, low_inclusive=False)
+    byol_ema: float = param(0.99, "BYOL target EMA momentum", low=0, high=1, high_inclusive=False)
+    proj_hidden: int = param(256, "projector hidden width", low=1)
+    proj_dim: int = param(256, "projector output width", low=1)
+    # Augmentation
+    crop_scale: tuple[float, float] = param((0.2, 1.0), "random-resized-crop area fraction range", low=0, high=1)
+    paper_augment: bool = param(False, "the paper's §2.4 augmentation chain instead of the embedded one")
+    # Optimisation
+    steps: int = param(300, "optimiser steps (batches of `batch_size` image pairs)", low=1)
+    batch_size: int = param(256, "image pairs per step (global batch)", low=2)
+    lr: float = param(1.2, "LARS base learning rate", low=0, low_inclusive=False)
+    weight_decay: float = param(1e-6, "LARS weight decay", low=0)
+    momentum: float = param(0.9, "LARS momentum", low=0, high=1, high_inclusive=False)
+    warmup_steps: int = param(30, "linear warm-up steps before the cosine decay", low=0)
+    clip_grad_norm: float | None = param(None, "clip the global gradient norm to this value; None = no clipping",
+                                         low=0, low_inclusive=False)
+    bf16: bool = param(False, "bfloat16 autocast for forward passes (≈1.5× faster on CPU)")
+    # Monitoring
+    eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits)",
+                              choices=("digits", "fashion_mnist"))
+    eval_labels_per_class: int | None = param(None, "labelled train images per class of the k-NN monitor; "
+                                              "None = the whole train split", low=1)
+    knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end", low=0)
+    knn_k: int = param(20, "neighbours of the weighted k-NN monitor", low=1)
+    knn_temperature: float = param(0.07, "temperature of the weighted k-NN vote", low=0, low_inclusive=False)
+    # Running
+    seed: int = param(0, "seed of batch order, augmentations and initialisation", low=0)
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    out_dir: str = param("runs/pretrain", "run directory: checkpoint, metrics, config")
+    checkpoint_every: int = param(50, "write the checkpoint every this many steps (and at the end)", low=1)
+    progress: bool = param(True, "show a tqdm progress bar")
+
+    def check(self):
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[0] <= 0:
+            raise ConfigError(f"crop_scale={self.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
+
+
+# fields that do not change the numbers a run produces: a run may resume with other values of these
+RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "knn_every", "device", "out_dir", "data_root"})
+
+
+def config_conflicts(saved: dict, cfg: Config, ignore=RESUMABLE_FIELDS) -> list[str]:
+    """Fields whose saved value differs from ``cfg`` (those that change results)."""
+    now = cfg.to_dict()
+    return [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+            if k not in ignore and json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(v))]
+
+
+def build_model(cfg: PretrainConfig, in_channels: int):
+    torch.manual_seed(cfg.seed)  # initialisation is the only draw from the global generator
+    backbone = build_backbone(cfg.arch, in_channels=in_channels, width=cfg.width, small_stem=cfg.small_stem)
+    return build_pretext(cfg.method, backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                         temperature=cfg.temperature, byol_ema=cfg.byol_ema)
+
+
+def load_pretrained(path: str | Path, *, map_location="cpu"):
+    """The pretext model (backbone + head) of a pre-training checkpoint, and its config."""
+    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    cfg = PretrainConfig.from_dict(ckpt["config"])
+    model = build_model(cfg, ckpt["in_channels"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(map_location), cfg
+
+
+class Pretrainer:
+    """Holds the data, model and optimiser of one pre-training run; :meth:`run` trains."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.out_dir = Path(cfg.out_dir)
+        self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
+        if cfg.batch_size > len(self.images):
+            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
+                              f"({len(self.images)} images)")
+        channels = self.images.shape[1]
+        self.view_specs = simclr_specs(cfg.image_size, channels, paper=cfg.paper_augment)
+        self.view_specs = tuple(_with_scale(s, cfg.crop_scale) for s in self.view_specs)
+        self.mean, self.std = self.view_specs[0].mean, self.view_specs[0].std
+        self.knn_train = data_mod.load_downstream(cfg.eval_dataset, "train", root=cfg.data_root,
+                                                  image_size=cfg.image_size,
+                                                  labels_per_class=cfg.eval_labels_per_class)
+        self.knn_val = data_mod.load_downstream(cfg.eval_dataset, "val", root=cfg.data_root,
+                                                image_size=cfg.image_size)
+        self.model = build_model(cfg, channels).to(self.device)
+        self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              momentum=cfg.momentum)
+        self.step = 0
+        self.batches_per_epoch = len(self.images) // cfg.batch_size
+        self._resume()
+
+    # ---- persistence ---------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        ckpt = load_checkpoint(self.checkpoint_path, kind=CHECKPOINT_KIND)
+        conflicts = config_conflicts(ckpt["config"], self.cfg)
+        if conflicts:
+            raise CheckpointError(
+                f"{str(self.out_dir)!r} holds a pre-training run with another config ({'; '.join(conflicts)}). "
+                f"Choose another out_dir, or delete {str(self.checkpoint_path)!r} to start afresh.")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = ckpt["step"]
+
+    def save(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(self.cfg.to_json())
+        return save_checkpoint(self.checkpoint_path, {
+            "kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(), "step": self.step,
+            "in_channels": self.images.shape[1], "signature": self.model.backbone.signature(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+
+    def _log(self, record: dict) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """Drop records past the checkpoint step: a killed run may have logged steps it must redo."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            keep = keep if self.step > 0 else []  # no checkpoint: the run starts afresh
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def knn(self):
+        """Weighted k-NN accuracy of the current backbone: eval set train split → val split."""
+        kw = dict(mean=self.mean, std=self.std, device=self.device)
+        train = extract_features(self.model.backbone, self.knn_train.images, **kw)
+        val = extract_features(self.model.backbone, self.knn_val.images, **kw)
+        return knn_accuracy(train, self.knn_train.labels, val, self.knn_val.labels,
+                            k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+
+    # ---- training ------------------------------------------------------------------------------
+    def batch(self, step: int) -> torch.Tensor:
+        """The uint8 images of ``step``: epoch e's batches follow a permutation seeded by (seed, e)."""
+        epoch, i = divmod(step, self.batches_per_epoch)
+        perm = generator(self.cfg.seed, "pretext-order", epoch)
+        order = torch.randperm(len(self.images), generator=perm)
+        idx = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+        return self.images[idx]
+
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        lr = warmup_cosine(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps)
+        set_lr(self.optimizer, lr)
+        x = self.batch(step).to(self.device)
+        v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, "pretext-views", step))
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = self.model.loss(v1, v2)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pre-training loss is {loss.item()} at step {step} (lr {lr:.4g}); "
+                                     f"the last good checkpoint is {str(self.checkpoint_path)!r}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        self.optimizer.step()
+        self.model.update_target()
+        return {"step": step + 1, "loss": loss.item(), "lr": lr}
+
+    def run(self) -> Iterator[dict]:
+        """Train until ``cfg.steps``; yields one record per step (``step`` counts finished steps)
+        and, after k-NN evaluations, a record with ``knn`` and its ``protocol``."""
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_log()
+        if self.step == 0:
+            rec = self._knn_record()
+            self._log(rec)
+            yield rec
+        bar = _progress(cfg, initial=self.step)
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            rec = self.train_step(self.step)
+            self.step += 1
+            rec["epoch"] = self.step / self.batches_per_epoch
+            rec["seconds"] = time.perf_counter() - t0
+            self._log(rec)
+            yield rec
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}")
+            last = self.step == cfg.steps
+            if last or (cfg.knn_every and self.step % cfg.knn_every == 0):
+                rec = self._knn_record()
+                self._log(rec)
+                yield rec
+            if last or self.step % cfg.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+
+    def _knn_record(self) -> dict:
+        res = self.knn()
+        return {"step": self.step, "knn": res.accuracy, "protocol": f"{self.cfg.eval_dataset} val, {res.protocol()}"}
+
+
+def _with_scale(spec, scale):
+    return dataclasses.replace(spec, scale=tuple(scale))
+
+
+def _progress(cfg: PretrainConfig, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.steps, initial=initial, desc=f"pretrain {cfg.method}", unit="step")
+
+
+def pretrain(cfg: PretrainConfig) -> list[dict]:
+    """Run (or resume) pre-training to the end; return all records of this call."""
+    return list(Pretrainer(cfg).run())
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """All records of a run directory's ``metrics.jsonl`` (step records and k-NN records)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []

@@ -1,0 +1,109 @@
+"""Pre-training loop: seeding, resume, checkpoints and their error paths (real Fashion-MNIST)."""
+import json
+
+import pytest
+import torch
+
+from bissl_kit.checkpoint import CheckpointError, load_checkpoint
+from bissl_kit.config import ConfigError
+from bissl_kit.pretrain import Pretrainer, load_pretrained, pretrain, read_metrics
+
+
+def params_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_logs_loss_and_knn_with_protocol(tiny_pretrain):
+    records = pretrain(tiny_pretrain)
+    steps = [r for r in records if "loss" in r]
+    knn = [r for r in records if "knn" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in knn] == [0, 3, 6]  # step 0 is the random-init control
+    assert all(0 <= r["knn"] <= 1 and "k=20" in r["protocol"] and "digits val" in r["protocol"] for r in knn)
+    assert read_metrics(tiny_pretrain.out_dir) == records
+    ckpt = load_checkpoint(f"{tiny_pretrain.out_dir}/checkpoint.pt", kind="pretrain")
+    assert ckpt["step"] == 6 and ckpt["config"] == tiny_pretrain.to_dict()
+
+
+def test_same_seed_same_parameters_other_seed_differs(tiny_pretrain, tmp_path):
+    a = Pretrainer(tiny_pretrain)
+    list(a.run())
+    b = Pretrainer(tiny_pretrain.replace(out_dir=str(tmp_path / "b")))
+    list(b.run())
+    assert_same(params_of(a.model), params_of(b.model))
+    c = Pretrainer(tiny_pretrain.replace(out_dir=str(tmp_path / "c"), seed=1))
+    list(c.run())
+    assert not torch.equal(a.model.backbone.conv1.weight, c.model.backbone.conv1.weight)
+
+
+def test_interrupted_run_resumes_to_identical_parameters(tiny_pretrain, tmp_path):
+    full = Pretrainer(tiny_pretrain.replace(out_dir=str(tmp_path / "full")))
+    list(full.run())
+    cfg = tiny_pretrain.replace(out_dir=str(tmp_path / "cut"))
+    first = Pretrainer(cfg)
+    for rec in first.run():
+        if rec.get("step") == 4 and "loss" in rec:
+            break  # stopped after step 4; the last checkpoint is step 3
+    resumed = Pretrainer(cfg)
+    assert resumed.step == 3
+    list(resumed.run())
+    assert_same(params_of(full.model), params_of(resumed.model))
+    steps = [r["step"] for r in read_metrics(cfg.out_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the redone step 4 is logged once
+
+
+def test_resume_refuses_another_config_and_keeps_the_checkpoint(tiny_pretrain):
+    pretrain(tiny_pretrain)
+    path = f"{tiny_pretrain.out_dir}/checkpoint.pt"
+    before = open(path, "rb").read()
+    with pytest.raises(CheckpointError, match=r"another config \(lr: saved 1.2, now 0.5\)"):
+        Pretrainer(tiny_pretrain.replace(lr=0.5))
+    assert open(path, "rb").read() == before
+    # fields that do not change the numbers may differ
+    Pretrainer(tiny_pretrain.replace(knn_every=0, progress=True))
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_is_not_overwritten(tiny_pretrain):
+    pretrain(tiny_pretrain)
+    path = f"{tiny_pretrain.out_dir}/checkpoint.pt"
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        Pretrainer(tiny_pretrain)
+    assert len(open(path, "rb").read()) == len(data) // 2
+
+
+def test_checkpoint_of_another_architecture_names_the_difference(tiny_pretrain):
+    pretrain(tiny_pretrain)
+    with pytest.raises(CheckpointError, match="width: checkpoint 4 vs model 8"):
+        load_checkpoint(f"{tiny_pretrain.out_dir}/checkpoint.pt", kind="pretrain",
+                        signature={"arch": "resnet18", "width": 8})
+    with pytest.raises(CheckpointError, match="expected 'bissl'"):
+        load_checkpoint(f"{tiny_pretrain.out_dir}/checkpoint.pt", kind="bissl")
+
+
+def test_load_pretrained_restores_the_model(tiny_pretrain):
+    trainer = Pretrainer(tiny_pretrain)
+    list(trainer.run())
+    model, cfg = load_pretrained(f"{tiny_pretrain.out_dir}/checkpoint.pt")
+    assert cfg == tiny_pretrain
+    assert_same(params_of(trainer.model), params_of(model))
+
+
+def test_byol_runs_and_moves_its_target(tiny_pretrain):
+    trainer = Pretrainer(tiny_pretrain.replace(method="byol", steps=3, knn_every=0, warmup_steps=1))
+    target_before = trainer.model.target["backbone"].conv1.weight.clone()
+    list(trainer.run())
+    assert not torch.equal(target_before, trainer.model.target["backbone"].conv1.weight)
+    assert not torch.equal(trainer.model.backbone.conv1.weight, trainer.model.target["backbone"].conv1.weight)
+
+
+def test_batch_larger_than_dataset_is_rejected_before_training(tiny_pretrain):
+    with pytest.raises(ConfigError, match="batch_size=100000 is larger than the pretext set"):
+        Pretrainer(tiny_pretrain.replace(batch_size=100000))

@@ -1,0 +1,128 @@
+"""The numbered notebook series: strict parameters inside a notebook, and headless execution.
+
+Inside a notebook::
+
+    params = NotebookParameters(globals())   # first code cell: remembers the names defined so far
+    # --- cell tagged "parameters": plain assignments, one per config field (+ declared extras)
+    cfg = params.config(PretrainConfig, extras=("live",))
+
+papermill injects its parameters as assignments after the ``parameters`` cell and only *warns* about
+unknown ones; :meth:`NotebookParameters.config` turns every new name that is not a field (or a
+declared extra) into an error, so ``-p lr_typo 0.1`` stops the run instead of training with defaults.
+
+From a shell: ``python -m bissl_kit.notebooks run [--quick] [NAME ...]`` executes the series in
+order with papermill (working directory ``notebooks/``), writes the executed copies to
+``notebooks/executed/`` without widget state, and prints the time of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+EXECUTED = NOTEBOOKS / "executed"
+
+# The series, in order. QUICK holds the parameters the tests use for each (seconds, not minutes).
+SERIES = ("01_pretrain",)
+QUICK: dict[str, dict[str, Any]] = {
+    "01_pretrain": {"steps": 6, "batch_size": 32, "warmup_steps": 2, "knn_every": 3, "width": 4,
+                    "out_dir": "../runs/quick/pretrain", "figures_dir": "../runs/quick/figures"},
+}
+
+
+class NotebookParameters:
+    """Remembers the names defined before the parameters cell; builds a config from those after."""
+
+    def __init__(self, namespace: dict):
+        self._namespace = namespace
+        self._before = set(namespace)
+
+    def values(self) -> dict[str, Any]:
+        """Names assigned since construction (the parameters cell and papermill's injected cell)."""
+        out = {}
+        for name, value in self._namespace.items():
+            if name in self._before or name.startswith("_") or value is self:
+                continue
+            if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                continue
+            out[name] = value
+        return out
+
+    def config(self, cls: type[Config], *, extras: tuple[str, ...] = ()) -> Config:
+        """``cls`` built from the parameters; names that are neither fields nor ``extras`` are an error."""
+        values = self.values()
+        for name in extras:
+            values.pop(name, None)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as e:
+            raise ConfigError(f"notebook parameters: {e}") from None
+
+
+def strip_widget_state(path: Path) -> None:
+    """Remove saved widget state (megabytes of plotly.js per FigureWidget) from an executed notebook."""
+    nb = json.loads(path.read_text())
+    if nb.get("metadata", {}).pop("widgets", None) is not None:
+        path.write_text(json.dumps(nb, indent=1))
+
+
+class _KnownParametersFilter(logging.Filter):
+    """papermill warns about every parameter its `parameters` cell does not assign; our notebooks
+    accept any config field and reject the rest themselves, so the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+logging.getLogger("papermill").addFilter(_KnownParametersFilter())
+
+
+def execute(name: str, parameters: dict[str, Any] | None = None, *, output_dir: Path = EXECUTED,
+            progress: bool = False) -> Path:
+    """Run ``notebooks/<name>.ipynb`` headless (``live=False``) and return the executed copy's path."""
+    import papermill
+
+    src = NOTEBOOKS / f"{name}.ipynb"
+    if not src.exists():
+        raise FileNotFoundError(f"no notebook {str(src)!r}; the series is {', '.join(SERIES)}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / f"{name}.ipynb"
+    papermill.execute_notebook(str(src), str(out), parameters={"live": False, **(parameters or {})},
+                               cwd=str(NOTEBOOKS), progress_bar=progress, kernel_name="python3")
+    strip_widget_state(out)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bissl_kit.notebooks", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute notebooks of the series in order, headless")
+    run.add_argument("names", nargs="*", help=f"notebooks to run (default: all of {', '.join(SERIES)})")
+    run.add_argument("--quick", action="store_true", help="the tests' tiny parameters (seconds per notebook)")
+    args = parser.parse_args(argv)
+    names = args.names or list(SERIES)
+    unknown = [n for n in names if n not in SERIES]
+    if unknown:
+        parser.error(f"unknown notebook(s) {unknown}; the series is {', '.join(SERIES)}")
+    total = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"[{name}] running ...", flush=True)
+        out = execute(name, QUICK[name] if args.quick else None, progress=True)
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s -> {out.relative_to(REPO)}", flush=True)
+    print(f"series done in {time.perf_counter() - total:.0f} s; figures in figures/", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

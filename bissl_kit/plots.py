@@ -1,0 +1,149 @@
+"""Figures: live in JupyterLab, static when headless, and exported to ``figures/``.
+
+In JupyterLab a :class:`LiveFigure` is a plotly ``FigureWidget`` (it needs ``anywidget`` with plotly
+≥ 7) that the training loop updates while it runs; data pushed from the kernel reaches the page
+even while the cell is busy. Headless (papermill, CI) it is a plain figure drawn once at the end:
+a FigureWidget saved in a notebook carries megabytes of widget state (the plotly.js bundle).
+
+Every figure is exported as HTML (always; plotly.js is written once beside it as
+``plotly.min.js``) and as PNG when kaleido finds a Chromium.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+# how often a live figure is redrawn at most: every update re-sends the traces to the browser
+LIVE_REDRAW_SECONDS = 0.5
+
+
+@functools.lru_cache(maxsize=1)
+def widgets_available() -> bool:
+    try:
+        go.FigureWidget()
+    except ImportError:
+        return False
+    return True
+
+
+class LiveFigure:
+    """A figure whose traces grow while a loop runs.
+
+    ``extend(trace, x, y)`` appends points; ``live=True`` redraws the widget at most every
+    ``LIVE_REDRAW_SECONDS``; ``finish()`` draws the final state (and, headless, displays it once).
+    """
+
+    def __init__(self, fig: go.Figure, *, live: bool, display: bool = True):
+        self.live = live and widgets_available()
+        if live and not self.live:
+            warnings.warn("plotly FigureWidget is unavailable (install anywidget); showing a static figure")
+        self.fig = go.FigureWidget(fig) if self.live else fig
+        self._data = {i: ([], []) for i in range(len(fig.data))}
+        self._last = 0.0
+        self._display = display
+        if self.live and display:
+            from IPython.display import display as ipy_display
+            ipy_display(self.fig)
+
+    def extend(self, trace: int, x, y) -> None:
+        xs, ys = self._data[trace]
+        xs.append(x)
+        ys.append(y)
+        if self.live and time.monotonic() - self._last > LIVE_REDRAW_SECONDS:
+            self.redraw()
+
+    def redraw(self) -> None:
+        with self.fig.batch_update():
+            for i, (xs, ys) in self._data.items():
+                self.fig.data[i].x = list(xs)
+                self.fig.data[i].y = list(ys)
+        self._last = time.monotonic()
+
+    def finish(self, stem: str | None = None, figures_dir: str | Path = "figures") -> dict:
+        """Draw the final state; export to ``figures_dir/stem.{html,png}`` when ``stem`` is given;
+        headless, display the figure once (as PNG when possible). Returns the written paths."""
+        self.redraw()
+        paths = export_figure(go.Figure(self.fig), stem, figures_dir) if stem else {}
+        if not self.live and self._display:
+            show_static(self.fig, paths.get("png"))
+        return paths
+
+
+def export_figure(fig: go.Figure, stem: str, figures_dir: str | Path = "figures") -> dict:
+    """Write ``stem.html`` (always) and ``stem.png`` (when kaleido can start a Chromium)."""
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"html": out / f"{stem}.html"}
+    fig.write_html(paths["html"], include_plotlyjs="directory")
+    png = out / f"{stem}.png"
+    if png_export_available():
+        fig.write_image(png, scale=2)
+        paths["png"] = png
+    return paths
+
+
+@functools.lru_cache(maxsize=1)
+def png_export_available() -> bool:
+    """True when kaleido can render (it needs a Chromium, e.g. Debian's ``chromium``)."""
+    try:
+        go.Figure().to_image(format="png", width=10, height=10)
+    except Exception as e:  # kaleido raises its own types when no browser is found
+        warnings.warn(f"PNG export unavailable ({type(e).__name__}); figures are written as HTML only. "
+                      "Install a Chromium (Debian: apt-get install chromium) for PNGs.")
+        return False
+    return True
+
+
+def show_static(fig: go.Figure, png: Path | None = None) -> None:
+    """Display a figure without embedding plotly.js (megabytes per figure in the saved notebook):
+    the PNG when there is one, otherwise a note pointing to the HTML export."""
+    from IPython.display import Image, Markdown, display
+    if png is not None:
+        display(Image(filename=str(png)))
+    else:
+        display(Markdown("*(static figure: PNG export unavailable; see the exported HTML)*"))
+
+
+# ---- stage figures ---------------------------------------------------------------------------------
+
+class PretrainMonitor:
+    """Pre-training loss and k-NN accuracy against the step, fed with :class:`Pretrainer` records."""
+
+    def __init__(self, *, live: bool, title: str = "Pre-training"):
+        from plotly.subplots import make_subplots
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("pretext loss", "k-NN accuracy (monitor set, val)"))
+        fig.add_trace(go.Scatter(mode="lines", name="loss", line=dict(color="#1f77b4")), 1, 1)
+        fig.add_trace(go.Scatter(mode="lines+markers", name="k-NN top-1", line=dict(color="#d62728")), 1, 2)
+        fig.update_xaxes(title_text="optimiser step", row=1, col=1)
+        fig.update_xaxes(title_text="optimiser step", row=1, col=2)
+        fig.update_yaxes(title_text="loss", row=1, col=1)
+        fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
+        fig.update_layout(title=title, height=400, width=900, showlegend=False, margin=dict(t=110, b=50))
+        self.figure = LiveFigure(fig, live=live)
+        self.title = title
+
+    def update(self, record: dict) -> None:
+        if "loss" in record:
+            self.figure.extend(0, record["step"], record["loss"])
+        if "knn" in record:
+            self.figure.extend(1, record["step"], record["knn"])
+            self.figure.fig.layout.title.text = f"{self.title}<br><sup>k-NN: {record['protocol']}</sup>"
+
+    def finish(self, stem: str, figures_dir="figures") -> dict:
+        return self.figure.finish(stem, figures_dir)
+
+
+def knn_comparison(rows: list[tuple[str, float]], protocol: str, title: str) -> go.Figure:
+    """Bar chart of k-NN accuracies (label, accuracy) with the protocol under the title."""
+    fig = go.Figure(go.Bar(x=[r[0] for r in rows], y=[r[1] for r in rows],
+                           text=[f"{r[1]:.1%}" for r in rows], textposition="outside",
+                           marker_color=["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"][:len(rows)]))
+    fig.update_layout(title=dict(text=f"{title}<br><sup>{protocol}</sup>"), height=380, width=560,
+                      yaxis=dict(title="top-1 accuracy", tickformat=".0%", range=[0, 1.08]),
+                      margin=dict(t=80, b=50))
+    return fig

@@ -52,6 +52,7 @@ class PretrainConfig(Config):
     proj_dim: int = param(256, "projector output width", low=1)
     # Augmentation
     crop_scale: tuple[float, float] = param((0.2, 1.0), "random-resized-crop area fraction range", low=0, high=1)
+    flip_p: float = param(0.5, "probability of a horizontal flip per view", low=0, high=1)
     paper_augment: bool = param(False, "the paper's §2.4 augmentation chain instead of the embedded one")
     # Optimisation
     steps: int = param(300, "optimiser steps (batches of `batch_size` image pairs)", low=1)
@@ -98,6 +99,12 @@ def config_conflicts(saved: dict, cfg: Config, ignore=RESUMABLE_FIELDS) -> list[
             if k not in ignore and json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(v))]
 
 
+def pretext_view_specs(cfg: PretrainConfig, channels: int):
+    """The two augmentation specs of the pretext views (also the BiSSL lower level's)."""
+    return tuple(dataclasses.replace(s, scale=tuple(cfg.crop_scale), flip_p=cfg.flip_p)
+                 for s in simclr_specs(cfg.image_size, channels, paper=cfg.paper_augment))
+
+
 def build_model(cfg: PretrainConfig, in_channels: int):
     torch.manual_seed(cfg.seed)  # initialisation is the only draw from the global generator
     backbone = build_backbone(cfg.arch, in_channels=in_channels, width=cfg.width, small_stem=cfg.small_stem)
@@ -126,8 +133,7 @@ class Pretrainer:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
                               f"({len(self.images)} images)")
         channels = self.images.shape[1]
-        self.view_specs = simclr_specs(cfg.image_size, channels, paper=cfg.paper_augment)
-        self.view_specs = tuple(_with_scale(s, cfg.crop_scale) for s in self.view_specs)
+        self.view_specs = pretext_view_specs(cfg, channels)
         self.mean, self.std = self.view_specs[0].mean, self.view_specs[0].std
         self.knn_train = data_mod.load_downstream(cfg.eval_dataset, "train", root=cfg.data_root,
                                                   image_size=cfg.image_size,
@@ -252,10 +258,6 @@ class Pretrainer:
     def _knn_record(self) -> dict:
         res = self.knn()
         return {"step": self.step, "knn": res.accuracy, "protocol": f"{self.cfg.eval_dataset} val, {res.protocol()}"}
-
-
-def _with_scale(spec, scale):
-    return dataclasses.replace(spec, scale=tuple(scale))
 
 
 def _progress(cfg: PretrainConfig, initial: int):

@@ -1,6 +1,5 @@
 """The notebook series under papermill, with the tests' quick parameters."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -28,8 +27,16 @@ def test_committed_notebooks_are_clean_and_parametrised(path):
     assert path.stem in SERIES
 
 
-def test_01_pretrain_runs_headless_and_writes_checkpoint_and_figures(tmp_path):
-    out = execute("01_pretrain", quick("01_pretrain", tmp_path), output_dir=tmp_path / "nb")
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Notebook 01 run once with quick parameters; later notebooks start from its checkpoint."""
+    tmp = tmp_path_factory.mktemp("nb01")
+    out = execute("01_pretrain", quick("01_pretrain", tmp), output_dir=tmp / "nb")
+    return tmp, out
+
+
+def test_01_pretrain_runs_headless_and_writes_checkpoint_and_figures(pretrained):
+    tmp_path, out = pretrained
     nb = json.loads(out.read_text())
     assert "widgets" not in nb["metadata"]
     assert out.stat().st_size < 2_000_000  # no plotly.js bundle or widget state inside
@@ -56,3 +63,35 @@ def test_notebook_parameters_capture_only_new_names():
     ns["unknown_thing"] = 1
     with pytest.raises(ConfigError, match="notebook parameters: unknown PretrainConfig parameter"):
         params.config(PretrainConfig, extras=("live",))
+
+
+def test_02_bilevel_runs_headless_and_writes_the_dashboard(pretrained, tmp_path):
+    ckpt = str(pretrained[0] / "out_dir" / "checkpoint.pt")
+    out = execute("02_bilevel", quick("02_bilevel", tmp_path, pretrain_checkpoint=ckpt), output_dir=tmp_path / "nb")
+    nb = json.loads(out.read_text())
+    assert "widgets" not in nb["metadata"] and out.stat().st_size < 2_000_000
+    assert (tmp_path / "out_dir" / "checkpoint.pt").exists()
+    assert (tmp_path / "figures_dir" / "02_bilevel_dashboard.html").exists()
+    text = json.dumps(nb)
+    assert "val_top1" in text and "headless run: controls are shown only with live=True" in text
+
+
+def test_02_bilevel_in_paper_mode(pretrained, tmp_path):
+    ckpt = str(pretrained[0] / "out_dir" / "checkpoint.pt")
+    execute("02_bilevel", quick("02_bilevel", tmp_path, pretrain_checkpoint=ckpt, paper_mode=True),
+            output_dir=tmp_path / "nb")
+    cfg = json.loads((tmp_path / "out_dir" / "config.json").read_text())
+    assert cfg["solver"] == "layerwise" and cfg["hvp"] == "recompute" and cfg["cg_iters"] == 3
+
+
+def test_dashboard_builds_headless_and_accepts_every_record_kind():
+    from bissl_kit.dashboard import BisslDashboard
+    d = BisslDashboard(live=False, layer_names=["stem", "layer1.0"], lower_steps=2, upper_steps=1)
+    d.update({"kind": "lower", "stage": 1, "step": 1, "pretext_loss": 5.0})
+    d.update({"kind": "upper", "stage": 1, "step": 1, "implicit_loss": 2.0, "classic_loss": 2.1,
+              "cos_implicit_classic": 0.9, "cos_implicit_pretext": -0.1, "cos_implicit_classic_layers": [0.8, 0.95],
+              "cg_residuals": [1.0, 0.1, 0.01]})
+    d.update({"kind": "stage", "stage": 1, "distance": 0.5, "val_top1": 0.7})
+    fig = d.figure.fig
+    assert list(fig.data[5].z) == [[0.8], [0.95]]          # heat map: layers × upper steps
+    assert list(fig.data[-1].y) == [1.0, 0.1, 0.01]        # the latest CG solve, relative residuals

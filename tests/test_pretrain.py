@@ -1,5 +1,4 @@
 """Pre-training loop: seeding, resume, checkpoints and their error paths (real Fashion-MNIST)."""
-import json
 
 import pytest
 import torch

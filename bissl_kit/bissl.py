@@ -1,0 +1,694 @@
+"""Stage 2: the BiSSL bilevel stage (spec §1.6, §2.1–§2.2), exact in paper mode.
+
+The lower level trains the pretext model (θ_P, φ_P) on L_P + (λ/2)‖θ_P − sg(θ_D)‖²; the upper level
+trains the downstream model (θ_D, φ_D) on L_D(θ_P*(θ_D), φ_D) + γ·L_D(θ_D, φ_D), whose first term
+reaches θ_D through the implicit function theorem:
+
+    g_θD = x + γ·∇_θD L_D(θ_D, φ_D),   (I + H/(λ+δ)) x = v = ∇_θP L_D(θ_P, φ_D),
+    g_φD = ∇_φD L_D(θ_P, φ_D) + γ·∇_φD L_D(θ_D, φ_D),
+
+with H the Hessian of L_P w.r.t. θ_P on one fixed "Hessian batch" per stage (bissl_kit.implicit).
+
+One stage = N_L lower steps (LARS, clip, schedule), then the Hessian batch, then N_U upper steps
+(SGD, clip, schedule), then an evaluation of (θ_D, φ_D) on the val split and a checkpoint. Before
+the first stage a linear head φ_D is warmed up on the frozen θ_D. The lower backbone θ_P is the
+result, fine-tuned in stage 3.
+
+**Paper mode** (:data:`PAPER_MODE`, the ``paper_*`` presets) is the official algorithm: layerwise
+"CG" with K = 5 from x = 0, every product recomputed, BatchNorm statistics updated by every forward,
+non-finite values zeroed, one Hessian batch = the first batch of a fresh lower iterator, the
+official schedule whose first step runs at the base lr. Every other value of those fields is a named
+option, measured in ``benchmarks/stage.py``.
+
+Batches follow the official iterator semantics with our own seeded permutations: each level walks a
+permutation of its data; when fewer than N batches remain it starts a new permutation seeded by the
+stage index (the official ``set_epoch(stage)``); the "fresh iterator" Hessian batch is the first
+batch of the current lower permutation with new augmentations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, param
+from .implicit import HessianOperator, HypergradientSolver, NonFiniteError
+from .optim import LARS, set_lr, warmup_cosine
+from .rng import generator, resolve_device
+
+CHECKPOINT_KIND = "bissl"
+
+# the official values of every field that changes the algorithm (spec §1.4–§1.7)
+PAPER_MODE = dict(solver="layerwise", cg_iters=5, cg_rtol=None, warm_start="none", hvp="recompute",
+                  hessian_batch="fresh", hessian_batches=1, bn_stats="update", nonfinite="zero",
+                  official_first_step=True)
+# our default: exact-enough CG, the graph built once per stage, no BatchNorm drift, errors on NaN
+FAST_MODE = dict(solver="cg", cg_iters=20, cg_rtol=1e-4, warm_start="recycle", hvp="reuse",
+                 hessian_batch="fresh", hessian_batches=1, bn_stats="restore", nonfinite="raise",
+                 official_first_step=True)
+
+
+@dataclass(frozen=True)
+class BisslConfig(Config):
+    # Inputs
+    pretrain_checkpoint: str = param("../runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P")
+    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)")
+    labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    # Stage counts
+    stages: int = param(20, "T: bilevel stages (paper 500)", low=1)
+    lower_steps: int = param(20, "N_L: lower (pretext) steps per stage", low=0)
+    upper_steps: int = param(8, "N_U: upper (downstream) steps per stage", low=0)
+    head_warmup_epochs: int = param(20, "epochs of linear-head warm-up on the frozen θ_D before stage 1", low=0)
+    # The bilevel problem
+    lam: float = param(1e-3, "λ: weight of the proximal term (λ/2)‖θ_P − θ_D‖²", low=0, low_inclusive=False)
+    damping: float = param(10.0, "δ: added to λ inside the hypergradient solve only", low=0)
+    gamma: float = param(0.01, "γ: weight of the classic downstream term (V1 0.01, V2/V3 1)", low=0)
+    # Hypergradient solver
+    solver: str = param("cg", "'layerwise' (official per-tensor recursion) or 'cg' (true conjugate gradient)",
+                        choices=("layerwise", "cg"))
+    cg_iters: int = param(20, "K: solver iterations (the official code runs exactly 5)", low=1)
+    cg_rtol: float | None = param(1e-4, "stop CG at this relative residual; None = run all K iterations",
+                                  low=0, low_inclusive=False)
+    warm_start: str = param("recycle", "CG start: 'none' (x=0), 'previous' (last x), 'recycle' (Krylov subspace of the stage)",
+                            choices=("none", "previous", "recycle"))
+    hvp: str = param("reuse", "'recompute' (official: rebuild the gradient graph per product) or 'reuse' (once per stage)",
+                     choices=("recompute", "reuse"))
+    hessian_batch: str = param("fresh", "'fresh': first batch(es) of a fresh lower iterator (official); "
+                               "'lower': the stage's first lower batches; 'random': random batches",
+                               choices=("fresh", "lower", "random"))
+    hessian_batches: int = param(1, "batches the Hessian is averaged over (V1's dead code intended 5)", low=1)
+    bn_stats: str = param("restore", "BatchNorm buffers of θ_P during the upper phase: 'update' (official drift) or 'restore'",
+                          choices=("update", "restore"))
+    nonfinite: str = param("raise", "non-finite hypergradient: 'raise' (stop, naming where) or 'zero' (official nan_to_num)",
+                           choices=("raise", "zero"))
+    # Lower optimiser: LARS
+    lower_batch_size: int = param(256, "B_P: pretext image pairs per lower step (paper 1024)", low=2)
+    lower_lr: float = param(1.0, "lower LARS base lr", low=0, low_inclusive=False)
+    lower_weight_decay: float = param(1e-6, "lower LARS weight decay", low=0)
+    lower_momentum: float = param(0.9, "lower LARS momentum", low=0, high=1, high_inclusive=False)
+    lower_warmup: int = param(40, "lower linear warm-up steps (V3: 10·N_L)", low=0)
+    lower_clip: float | None = param(10.0, "clip norm of the lower gradients (θ_P, φ_P); None = off", low=0, low_inclusive=False)
+    # Upper optimiser: SGD
+    upper_batch_size: int = param(256, "B_D: downstream images per upper step", low=1)
+    upper_lr: float = param(0.015, "upper SGD base lr (also the head warm-up lr)", low=0, low_inclusive=False)
+    upper_weight_decay: float = param(0.01, "upper SGD weight decay (coupled, as torch.optim.SGD)", low=0)
+    upper_momentum: float = param(0.9, "upper SGD momentum", low=0, high=1, high_inclusive=False)
+    upper_clip: float | None = param(10.0, "clip norm of the upper gradients (θ_D, φ_D); None = off", low=0, low_inclusive=False)
+    official_first_step: bool = param(True, "schedules run their first step at the full base lr (official, C13)")
+    # Running
+    seed: int = param(0, "seed of head init, batch order and augmentations", low=0)
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    out_dir: str = param("../runs/bissl", "run directory: checkpoint, metrics, config")
+    progress: bool = param(True, "show a tqdm progress bar")
+
+    def check(self):
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.solver == "layerwise" and self.warm_start != "none":
+            raise ConfigError(f"warm_start={self.warm_start!r} needs solver='cg'; the layerwise recursion "
+                              "always starts at x = 0")
+        if self.hessian_batch == "lower" and self.hessian_batches > max(self.lower_steps, 1):
+            raise ConfigError(f"hessian_batches={self.hessian_batches} exceeds lower_steps={self.lower_steps} "
+                              "with hessian_batch='lower'")
+
+    # ---- presets ---------------------------------------------------------------------------------
+    @classmethod
+    def paper_iclr(cls, **overrides) -> "BisslConfig":
+        """V1 (ICLR): ResNet-18 at 96 px (set in the pre-training config), γ = 0.01, upper SGD 0.015 /
+        0.01, lower warm-up 10 loader epochs of STL10's unlabeled split (98 batches of 1024 → 980)."""
+        return cls.from_dict({**PAPER_MODE, "stages": 500, "lower_steps": 20, "upper_steps": 8,
+                              "head_warmup_epochs": 20, "lam": 1e-3, "damping": 10.0, "gamma": 0.01,
+                              "lower_batch_size": 1024, "lower_lr": 1.0, "lower_weight_decay": 1e-6,
+                              "lower_warmup": 980, "upper_batch_size": 256, "upper_lr": 0.015,
+                              "upper_weight_decay": 0.01, "downstream": "stl10", **overrides})
+
+    @classmethod
+    def paper_neurips(cls, **overrides) -> "BisslConfig":
+        """V3 (NeurIPS): ResNet-50, γ = 1 (hard-coded there), lower warm-up 10·N_L = 200; upper lr/wd
+        per dataset (spec §2.5; CIFAR-10 SimCLR 0.015 / 1e-3 here)."""
+        return cls.from_dict({**PAPER_MODE, "stages": 500, "lower_steps": 20, "upper_steps": 8,
+                              "head_warmup_epochs": 20, "lam": 1e-3, "damping": 10.0, "gamma": 1.0,
+                              "lower_batch_size": 1024, "lower_lr": 1.0, "lower_weight_decay": 1e-6,
+                              "lower_warmup": 200, "upper_batch_size": 256, "upper_lr": 0.015,
+                              "upper_weight_decay": 1e-3, "downstream": "cifar10", **overrides})
+
+    @classmethod
+    def embedded(cls, *, paper_mode: bool = False, **overrides) -> "BisslConfig":
+        """The CPU default on the offline data (digits downstream); ``paper_mode=True`` switches the
+        algorithm to the official one, everything else unchanged."""
+        return cls.from_dict({**(PAPER_MODE if paper_mode else FAST_MODE), **overrides})
+
+
+# fields that do not change the numbers a run produces
+RESUMABLE_FIELDS = frozenset({"progress", "device", "out_dir", "data_root", "pretrain_checkpoint", "stages"})
+
+
+# ---- small helpers -----------------------------------------------------------------------------------
+
+def _flat_norm(ts) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in ts))
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of two tuples of tensors as concatenated vectors (nan if either is 0)."""
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    na, nb = _flat_norm(a), _flat_norm(b)
+    return dot / (na * nb) if na > 0 and nb > 0 else float("nan")
+
+
+def layer_groups(names: list[str]) -> list[tuple[str, list[int]]]:
+    """Parameter indices grouped by layer: 'conv1'/'bn1' → 'stem', 'layer2.1.conv1.weight' → 'layer2.1'."""
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if parts[0].startswith("layer") else ("stem" if parts[0] in ("conv1", "bn1") else parts[0])
+        groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
+@contextmanager
+def isolated_bn_buffers(module: nn.Module, keep_updates: bool):
+    """Run train-mode forwards of ``module`` on private copies of its BatchNorm buffers.
+
+    ``keep_updates=False`` discards the running-statistic updates (no drift); ``True`` copies them
+    back (the official behaviour). Copies rather than a save/restore, because autograd saves the
+    buffers a BatchNorm forward used: restoring them in place would break the later backward.
+    """
+    swapped = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            for name, buf in m._buffers.items():
+                if buf is not None:
+                    swapped.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, original in swapped:
+                if keep_updates:
+                    original.copy_(m._buffers[name])
+                m._buffers[name] = original
+
+
+def accuracy_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Fraction of samples whose label is among the k highest logits (k capped at the class count)."""
+    out = {}
+    for k in ks:
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+        out[k] = (top == labels[:, None]).any(1).float().mean().item()
+    return out
+
+
+# ---- the data a stage consumes -------------------------------------------------------------------------
+
+class LevelIterator:
+    """Batches of one level: walks a permutation of ``n`` items; a new permutation (seeded by the
+    stage, like the official ``set_epoch(stage)``) starts when fewer than ``need`` batches remain."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, tag: str):
+        if batch_size > n:
+            raise ConfigError(f"batch size {batch_size} is larger than the {tag} data ({n} items)")
+        self.n, self.batch_size, self.seed, self.tag = n, batch_size, seed, tag
+        self.per_epoch = n // batch_size
+        self.epoch, self.pos = 0, 0
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=generator(self.seed, self.tag, epoch))
+
+    def begin_stage(self, stage: int, need: int) -> None:
+        if self.per_epoch - self.pos < need:
+            self.epoch, self.pos = stage, 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos >= self.per_epoch:  # need > per_epoch: wrap within the stage
+            self.epoch, self.pos = self.epoch + 1, 0
+        idx = self.order(self.epoch)[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+        self.pos += 1
+        return idx
+
+    def first(self, k: int = 1) -> list[torch.Tensor]:
+        """The first ``k`` batches of a fresh iterator over the current permutation."""
+        order = self.order(self.epoch)
+        return [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(k)]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+@dataclass
+class BilevelData:
+    """How a stage turns indices into tensors. ``pretext_views(idx, tag)`` returns the two augmented
+    views of pretext items ``idx`` (``tag`` seeds the augmentation); ``downstream_batch(idx, tag)``
+    returns (inputs, labels) of downstream train items; ``val`` is (inputs, labels) of the val split,
+    already normalised."""
+
+    n_pretext: int
+    n_downstream: int
+    pretext_views: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]]
+    downstream_batch: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]]
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    num_classes: int | None = None
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+
+class BisslTrainer:
+    """The bilevel stage on given models and data (see :func:`build_trainer` for the usual set-up).
+
+    ``lower`` is a pretext module with ``.backbone`` (θ_P), ``.head`` (φ_P), ``.loss(v1, v2)`` and
+    ``.update_target()``; ``upper_backbone`` (θ_D) has θ_P's architecture; ``head`` is φ_D.
+    :meth:`run` is a generator of records, one per lower step, upper step and stage end.
+    """
+
+    def __init__(self, cfg: BisslConfig, lower: nn.Module, upper_backbone: nn.Module, head: nn.Module,
+                 data: BilevelData, *, device: torch.device | str = "cpu", out_dir: str | Path | None = None):
+        self.cfg, self.lower, self.upper, self.head, self.data = cfg, lower, upper_backbone, head, data
+        self.device = torch.device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.names = [n for n, _ in lower.backbone.named_parameters()]
+        if self.names != [n for n, _ in upper_backbone.named_parameters()]:
+            raise ValueError("upper_backbone must have the same architecture (parameter names) as lower.backbone")
+        self.groups = layer_groups(self.names)
+        self.lower_opt = LARS(lower.parameters(), lr=cfg.lower_lr, weight_decay=cfg.lower_weight_decay,
+                              momentum=cfg.lower_momentum)
+        self.upper_params = list(upper_backbone.parameters()) + list(head.parameters())
+        self.upper_opt = torch.optim.SGD(self.upper_params, lr=cfg.upper_lr, momentum=cfg.upper_momentum,
+                                         weight_decay=cfg.upper_weight_decay)
+        self.lower_it = LevelIterator(data.n_pretext, cfg.lower_batch_size, cfg.seed, "bissl-lower")
+        self.upper_it = LevelIterator(data.n_downstream, cfg.upper_batch_size, cfg.seed, "bissl-upper")
+        self.stage = 0                 # finished stages
+        self.lower_step = 0            # finished lower optimiser steps (schedule counter)
+        self.upper_step = 0
+        self.head_warm = cfg.head_warmup_epochs == 0
+        self.history: list[dict] = []  # stage records
+        self.last_pretext_grad = None  # ∇_θP L_P of the last lower step (alignment diagnostics)
+        self._stage_lower_idx: list[torch.Tensor] = []
+        self.meta: dict = {}           # what build_trainer needs to rebuild the models (saved with the state)
+
+    # ---- schedules (spec §1.7): lower warm-up + cosine over T·N_L, upper cosine over T·N_U --------------
+    def lower_lr(self, step: int) -> float:
+        c = self.cfg
+        return warmup_cosine(step, base_lr=c.lower_lr, warmup=c.lower_warmup, total=c.stages * c.lower_steps,
+                             official_first_step=c.official_first_step)
+
+    def upper_lr(self, step: int) -> float:
+        c = self.cfg
+        return warmup_cosine(step, base_lr=c.upper_lr, warmup=0, total=c.stages * c.upper_steps,
+                             official_first_step=c.official_first_step)
+
+    # ---- the pieces of a stage ----------------------------------------------------------------------
+    def warm_up_head(self) -> Iterator[dict]:
+        """Linear head φ_D on the frozen θ_D, SGD without schedule; θ_D in train mode, so its BN running
+        statistics adapt to the downstream data as in the official code (spec §2.1)."""
+        c = self.cfg
+        opt = torch.optim.SGD(self.head.parameters(), lr=c.upper_lr, momentum=c.upper_momentum,
+                              weight_decay=c.upper_weight_decay)
+        it = LevelIterator(self.data.n_downstream, c.upper_batch_size, c.seed, "bissl-head-warmup")
+        self.upper.train()
+        for epoch in range(c.head_warmup_epochs):
+            it.epoch, it.pos = epoch, 0
+            losses = []
+            for b in range(it.per_epoch):
+                x, y = self.data.downstream_batch(it.next(), ("head", epoch, b))
+                with torch.no_grad():
+                    feats = self.upper(x)
+                loss = F.cross_entropy(self.head(feats), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            rec = {"kind": "head_warmup", "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+            if (epoch + 1) % max(c.head_warmup_epochs // 5, 1) == 0 or epoch + 1 == c.head_warmup_epochs:
+                rec.update(self.evaluate())
+            yield rec
+        self.head_warm = True
+
+    def lower_phase(self) -> Iterator[dict]:
+        c = self.cfg
+        self.lower.train()
+        theta_d = [p.detach() for p in self.upper.parameters()]
+        for k in range(c.lower_steps):
+            lr = self.lower_lr(self.lower_step)
+            set_lr(self.lower_opt, lr)
+            idx = self.lower_it.next()
+            self._stage_lower_idx.append(idx)
+            v1, v2 = self.data.pretext_views(idx, ("lower", self.lower_step))
+            self.lower.update_target()  # BYOL: EMA at the start of each forward (spec §1.6); SimCLR: no-op
+            pretext = self.lower.loss(v1, v2)
+            reg = 0.5 * c.lam * sum(((p - d) ** 2).sum() for p, d in zip(self.lower.backbone.parameters(), theta_d))
+            self._check_finite(pretext, "lower pretext loss", k)
+            self.lower_opt.zero_grad(set_to_none=True)
+            (pretext + reg).backward()
+            # the pretext part of the gradient, for the alignment diagnostics: ∇L_P = ∇(L_P + reg) − λ(θ_P − θ_D)
+            self.last_pretext_grad = [p.grad.detach() - c.lam * (p.detach() - d)
+                                      for p, d in zip(self.lower.backbone.parameters(), theta_d)]
+            if c.lower_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.lower.parameters(), c.lower_clip)
+            self.lower_opt.step()
+            self.lower_step += 1
+            yield {"kind": "lower", "stage": self.stage + 1, "step": k + 1, "lower_step": self.lower_step,
+                   "pretext_loss": pretext.item(), "reg_loss": reg.item(), "lr": lr}
+
+    def hessian_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The stage's Hessian batch(es), as pretext view pairs (spec §1.6, C1)."""
+        c = self.cfg
+        if c.hessian_batch == "fresh":
+            idx = self.lower_it.first(c.hessian_batches)
+        elif c.hessian_batch == "lower":
+            idx = self._stage_lower_idx[:c.hessian_batches]
+        else:
+            g = generator(c.seed, "hessian-random", self.stage)
+            idx = [torch.randperm(self.data.n_pretext, generator=g)[:c.lower_batch_size]
+                   for _ in range(c.hessian_batches)]
+        return [self.data.pretext_views(i, ("hessian", self.stage, j)) for j, i in enumerate(idx)]
+
+    def hessian_operator(self) -> Callable:
+        """A(d) = d + H̄d/(λ+δ), H̄ averaged over the Hessian batches."""
+        c = self.cfg
+        params = dict(self.lower.backbone.named_parameters())
+        ops = [HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp, lam=c.lam,
+                               damping=c.damping, bn_stats=c.bn_stats, module=self.lower)
+               for batch in self.hessian_batches()]
+        return ops[0] if len(ops) == 1 else AveragedOperator(ops)
+
+    def upper_phase(self) -> Iterator[dict]:
+        c = self.cfg
+        self.lower.train()
+        self.upper.train()
+        self.head.train()
+        op = self.hessian_operator()
+        opts = dict(mode="layerwise" if c.solver == "layerwise" else "global", max_iter=c.cg_iters,
+                    rtol=c.cg_rtol, warm_start=c.warm_start, nonfinite=c.nonfinite)
+        solver = HypergradientSolver(op, **opts)
+        theta_p = list(self.lower.backbone.parameters())
+        theta_d = list(self.upper.parameters())
+        phi_d = list(self.head.parameters())
+        try:
+            for k in range(c.upper_steps):
+                lr = self.upper_lr(self.upper_step)
+                for group in self.upper_opt.param_groups:
+                    group["lr"] = lr
+                x_in, y = self.data.downstream_batch(self.upper_it.next(), ("upper", self.upper_step))
+                # implicit term: the upper head on the lower backbone
+                with isolated_bn_buffers(self.lower.backbone, keep_updates=c.bn_stats == "update"):
+                    implicit_loss = F.cross_entropy(self.head(self.lower.backbone(x_in)), y)
+                self._check_finite(implicit_loss, "upper implicit loss", k)
+                grads = torch.autograd.grad(implicit_loss, theta_p + phi_d)
+                v, g_head_implicit = grads[:len(theta_p)], grads[len(theta_p):]
+                try:
+                    sol = solver.solve(v)
+                except NonFiniteError as e:
+                    raise FloatingPointError(f"stage {self.stage + 1}, upper step {k + 1}: {e}") from e
+                # classic term: the upper model itself
+                classic_loss = F.cross_entropy(self.head(self.upper(x_in)), y)
+                self._check_finite(classic_loss, "upper classic loss", k)
+                g_classic = torch.autograd.grad(classic_loss, theta_d + phi_d)
+                g_theta = [xi + c.gamma * gi for xi, gi in zip(sol.x, g_classic[:len(theta_d)])]
+                g_phi = [hi + c.gamma * gi for hi, gi in zip(g_head_implicit, g_classic[len(theta_d):])]
+                for p, g in zip(theta_d + phi_d, g_theta + g_phi):
+                    p.grad = g.detach().clone()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.upper_params, c.upper_clip) \
+                    if c.upper_clip is not None else torch.tensor(_flat_norm(g_theta + g_phi))
+                self.upper_opt.step()
+                self.upper_step += 1
+                yield {"kind": "upper", "stage": self.stage + 1, "step": k + 1, "upper_step": self.upper_step,
+                       "implicit_loss": implicit_loss.item(), "classic_loss": classic_loss.item(), "lr": lr,
+                       "cg_residuals": [float(r) for r in sol.residual_norms], "cg_iterations": sol.iterations,
+                       "cg_converged": bool(sol.converged), "cg_seconds": sol.seconds,
+                       "cg_nonfinite": sol.n_nonfinite, "grad_norm": float(grad_norm),
+                       "distance": self.distance(), **self.alignment(sol.x, g_classic[:len(theta_d)])}
+        finally:
+            solver.release()
+
+    def alignment(self, x, g_classic) -> dict:
+        """Cosines, total and per layer: implicit hypergradient x vs classic ∇_θD L_D, and x vs the
+        lower pretext gradient ∇_θP L_P of the last lower step."""
+        out = {"cos_implicit_classic": cosine(x, g_classic),
+               "cos_implicit_classic_layers": [cosine([x[i] for i in idx], [g_classic[i] for i in idx])
+                                               for _, idx in self.groups]}
+        if self.last_pretext_grad is not None:
+            g = self.last_pretext_grad
+            out["cos_implicit_pretext"] = cosine(x, g)
+            out["cos_implicit_pretext_layers"] = [cosine([x[i] for i in idx], [g[i] for i in idx])
+                                                  for _, idx in self.groups]
+        return out
+
+    def distance(self) -> float:
+        """‖θ_P − θ_D‖ over the backbone parameters."""
+        return _flat_norm([p.detach() - d.detach() for p, d in zip(self.lower.backbone.parameters(),
+                                                                   self.upper.parameters())])
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 512) -> dict:
+        """Top-1/top-5 of the upper model (θ_D, φ_D) on the val split, eval mode."""
+        if self.data.val is None:
+            return {}
+        x, y = self.data.val
+        self.upper.eval()
+        self.head.eval()
+        try:
+            logits = torch.cat([self.head(self.upper(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+        finally:
+            self.upper.train()
+            self.head.train()
+        acc = accuracy_topk(logits, y)
+        return {"val_top1": acc[1], "val_top5": acc[5], "val_loss": F.cross_entropy(logits, y).item()}
+
+    def _check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"{what} is {value.item()} at stage {self.stage + 1}, step {step + 1}; "
+                                     f"the last good checkpoint is kept in {str(self.out_dir)!r}")
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self, stages: int | None = None) -> Iterator[dict]:
+        """Run ``stages`` more stages (default: up to ``cfg.stages``), yielding every record.
+
+        Stages past ``cfg.stages`` keep the schedules at their final values."""
+        c = self.cfg
+        target = c.stages if stages is None else self.stage + stages
+        if not self.head_warm:
+            for rec in self.warm_up_head():
+                self._log(rec)
+                yield rec
+            rec = {"kind": "stage", "stage": 0, **self.evaluate(), "distance": self.distance()}
+            self.history.append(rec)
+            self._log(rec)
+            self.save()
+            yield rec
+        bar = _progress(c, self.stage, target)
+        while self.stage < target:
+            t0 = time.perf_counter()
+            self.lower_it.begin_stage(self.stage, c.lower_steps)
+            self.upper_it.begin_stage(self.stage, c.upper_steps)
+            self._stage_lower_idx = []
+            lower_recs = []
+            for rec in self.lower_phase():
+                lower_recs.append(rec)
+                yield rec
+            upper_recs = []
+            for rec in self.upper_phase():
+                upper_recs.append(rec)
+                yield rec
+            self.stage += 1
+            rec = {"kind": "stage", "stage": self.stage, "seconds": time.perf_counter() - t0,
+                   **self.evaluate(), "distance": self.distance(),
+                   "pretext_loss": _mean(r["pretext_loss"] for r in lower_recs),
+                   "implicit_loss": _mean(r["implicit_loss"] for r in upper_recs),
+                   "classic_loss": _mean(r["classic_loss"] for r in upper_recs)}
+            self.history.append(rec)
+            for r in lower_recs + upper_recs:
+                self._log(r)
+            self._log(rec)
+            self.save()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("val_top1", "implicit_loss") if k in rec})
+            yield rec
+        if bar is not None:
+            bar.close()
+
+    # ---- persistence -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"lower": self.lower.state_dict(), "upper": self.upper.state_dict(), "head": self.head.state_dict(),
+                "lower_opt": self.lower_opt.state_dict(), "upper_opt": self.upper_opt.state_dict(),
+                "lower_it": self.lower_it.state(), "upper_it": self.upper_it.state(), "stage": self.stage,
+                "lower_step": self.lower_step, "upper_step": self.upper_step, "head_warm": self.head_warm,
+                "last_pretext_grad": self.last_pretext_grad, "history": self.history}
+
+    def load_state(self, s: dict) -> None:
+        self.lower.load_state_dict(s["lower"])
+        self.upper.load_state_dict(s["upper"])
+        self.head.load_state_dict(s["head"])
+        self.lower_opt.load_state_dict(s["lower_opt"])
+        self.upper_opt.load_state_dict(s["upper_opt"])
+        self.lower_it.load(s["lower_it"])
+        self.upper_it.load(s["upper_it"])
+        self.stage, self.lower_step, self.upper_step = s["stage"], s["lower_step"], s["upper_step"]
+        self.head_warm, self.last_pretext_grad, self.history = s["head_warm"], s["last_pretext_grad"], s["history"]
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+
+    def save(self) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(self.cfg.to_json())
+        save_checkpoint(self.checkpoint_path, {"kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(),
+                                               "step": self.stage, "signature": _signature(self.lower.backbone),
+                                               "meta": self.meta, "state": self.state()})
+
+    def resume(self) -> bool:
+        """Load the run directory's checkpoint if there is one (True); otherwise start a fresh log."""
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            if path is not None and (self.out_dir / "metrics.jsonl").exists():
+                (self.out_dir / "metrics.jsonl").unlink()  # records of a run killed before its first checkpoint
+            return False
+        ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, signature=_signature(self.lower.backbone))
+        from .pretrain import config_conflicts
+        conflicts = config_conflicts(ckpt["config"], self.cfg, ignore=RESUMABLE_FIELDS)
+        if conflicts:
+            raise CheckpointError(f"{str(self.out_dir)!r} holds a BiSSL run with another config "
+                                  f"({'; '.join(conflicts)}). Choose another out_dir, or delete "
+                                  f"{str(path)!r} to start afresh.")
+        self.load_state(ckpt["state"])
+        self._trim_log()
+        return True
+
+    def _log(self, rec: dict) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _trim_log(self) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln and json.loads(ln).get("stage", 0) <= self.stage]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class AveragedOperator:
+    """A(d) = d + (1/n)Σ H_i d/(λ+δ) over several Hessian batches (V1/V2 average over a list)."""
+
+    def __init__(self, ops: list):
+        self.ops = ops
+        self.names = getattr(ops[0], "names", None)
+
+    def __call__(self, d):
+        hv = [op.hvp(d) for op in self.ops]
+        scale = self.ops[0].scale
+        return tuple(di + scale * sum(h[i] for h in hv) / len(hv) for i, di in enumerate(d))
+
+    def release(self):
+        for op in self.ops:
+            op.release()
+
+
+def _signature(backbone: nn.Module) -> dict:
+    sig = getattr(backbone, "signature", None)
+    return sig() if sig is not None else {}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _progress(cfg: BisslConfig, initial: int, total: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="BiSSL stages", unit="stage")
+
+
+# ---- set-up from a config: the pre-training checkpoint and the embedded or paper data --------------------
+
+def build_data(cfg: BisslConfig, pre_cfg, device: torch.device) -> BilevelData:
+    """Pretext views as in pre-training (same augmentation), downstream train crops + flips, and the
+    normalised val split, all on ``device``."""
+    from . import data as data_mod
+    from .augment import augment, downstream_train_spec, normalize, two_views
+    from .pretrain import pretext_view_specs
+
+    images = data_mod.load_pretext(pre_cfg.pretext_dataset, root=cfg.data_root, image_size=pre_cfg.image_size)
+    channels = images.shape[1]
+    views = pretext_view_specs(pre_cfg, channels)
+    train = data_mod.load_downstream(cfg.downstream, "train", root=cfg.data_root, image_size=pre_cfg.image_size,
+                                     labels_per_class=cfg.labels_per_class).materialize()
+    val = data_mod.load_downstream(cfg.downstream, "val", root=cfg.data_root,
+                                   image_size=pre_cfg.image_size).materialize()
+    if train.images.shape[1] != channels:
+        raise ConfigError(f"downstream={cfg.downstream!r} has {train.images.shape[1]} channels but the "
+                          f"pre-trained backbone takes {channels}")
+    down_spec = downstream_train_spec(pre_cfg.image_size, channels, paper=pre_cfg.paper_augment)
+    mean, std = views[0].mean, views[0].std
+
+    def pretext_views(idx, tag):
+        return two_views(images[idx].to(device), *views, generator(cfg.seed, "bissl-views", *tag))
+
+    def downstream_batch(idx, tag):
+        x = augment(train.images[idx].to(device), down_spec, generator(cfg.seed, "bissl-down", *tag))
+        return x, train.labels[idx].to(device)
+
+    return BilevelData(len(images), len(train.labels), pretext_views, downstream_batch,
+                       val=(normalize(val.images.to(device), mean, std), val.labels.to(device)),
+                       num_classes=train.num_classes)
+
+
+def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
+    """θ_P, φ_P from the pre-training checkpoint; θ_D a copy of θ_P; a fresh linear head φ_D;
+    the data; and, when the run directory holds a checkpoint of this config, its state."""
+    from .models import linear_head
+    from .pretrain import load_pretrained
+
+    device = resolve_device(cfg.device)
+    lower, pre_cfg = load_pretrained(cfg.pretrain_checkpoint)
+    if hasattr(lower, "reset_target"):
+        lower.reset_target()  # BYOL: the target restarts from the online weights (spec §2.3)
+    data = build_data(cfg, pre_cfg, device)
+    upper = copy.deepcopy(lower.backbone)
+    torch.manual_seed(cfg.seed)
+    head = linear_head(upper.feat_dim, data.num_classes)
+    trainer = BisslTrainer(cfg, lower.to(device), upper.to(device), head.to(device), data, device=device,
+                           out_dir=cfg.out_dir)
+    trainer.meta = {"pretrain_config": pre_cfg.to_dict(), "num_classes": data.num_classes,
+                    "in_channels": lower.backbone.in_channels}
+    if resume:
+        trainer.resume()
+    return trainer
+
+
+def load_lower_backbone(path: str | Path):
+    """θ_P of a BiSSL checkpoint (the stage's result, to be fine-tuned) and the pre-training config
+    that describes its architecture."""
+    from .models import build_backbone
+    from .pretrain import PretrainConfig
+
+    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    pre = PretrainConfig.from_dict(ckpt["meta"]["pretrain_config"])
+    backbone = build_backbone(pre.arch, in_channels=ckpt["meta"]["in_channels"], width=pre.width,
+                              small_stem=pre.small_stem)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state"]["lower"].items() if k.startswith(prefix)})
+    return backbone, pre

@@ -1,0 +1,282 @@
+"""The BiSSL stage against a straightforward re-implementation of spec §1.6 (float64, BN-free)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bissl_kit.bissl import PAPER_MODE, BilevelData, BisslConfig, BisslTrainer, accuracy_topk, layer_groups
+from bissl_kit.config import ConfigError
+from bissl_kit.losses import nt_xent
+from bissl_kit.rng import generator
+
+torch.set_default_dtype(torch.float64)
+D_IN, FEAT, N_PRE, N_DOWN, CLASSES = 6, 5, 24, 18, 3
+
+
+class TinyBackbone(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(D_IN, 7), nn.Tanh(), nn.Linear(7, FEAT), nn.Tanh())
+        self.feat_dim = FEAT
+
+
+class TinySimCLR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = TinyBackbone()
+        self.head = nn.Sequential(nn.Linear(FEAT, 4), nn.Tanh(), nn.Linear(4, 4, bias=False))
+
+    def loss(self, v1, v2):
+        z = self.head(self.backbone(torch.cat([v1, v2])))
+        return nt_xent(*z.chunk(2), temperature=0.5)
+
+    def update_target(self):
+        pass
+
+
+def make_problem(seed=0):
+    torch.manual_seed(seed)
+    lower = TinySimCLR()
+    upper = TinyBackbone()
+    upper.load_state_dict(lower.backbone.state_dict())
+    with torch.no_grad():  # θ_D ≠ θ_P, so the proximal term is active from the first step
+        for p in upper.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    head = nn.Linear(FEAT, CLASSES)
+    xp = torch.randn(N_PRE, D_IN)
+    xd, yd = torch.randn(N_DOWN, D_IN), torch.randint(0, CLASSES, (N_DOWN,))
+
+    def views(idx, tag):  # a deterministic "augmentation" seeded by the tag
+        g = generator(99, *tag)
+        return xp[idx] + 0.1 * torch.randn(len(idx), D_IN, generator=g), xp[idx] * (1 + 0.1 * torch.rand(len(idx), 1, generator=g))
+
+    def down(idx, tag):
+        return xd[idx], yd[idx]
+
+    data = BilevelData(N_PRE, N_DOWN, views, down, val=(xd, yd), num_classes=CLASSES)
+    return lower, upper, head, data
+
+
+def cfg_for(gamma, **kw):
+    base = dict(PAPER_MODE, stages=3, lower_steps=3, upper_steps=2, head_warmup_epochs=0, lam=0.05, damping=0.5,
+                gamma=gamma, lower_batch_size=4, upper_batch_size=5, lower_lr=0.7, lower_warmup=2,
+                lower_clip=0.5, upper_lr=0.2, upper_weight_decay=0.01, upper_clip=0.3, progress=False, device="cpu")
+    base.update(kw)
+    return BisslConfig.from_dict(base)
+
+
+# ---- the reference: spec §1.4–§1.7 written out, one operation per line --------------------------------
+
+def ref_lr(t_step, base, warmup, total):
+    if t_step == 0:
+        return base  # the official scheduler has not stepped yet (C13)
+    t = t_step
+    if t < warmup:
+        return base * t / warmup
+    q = 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+    return base * q + 0.001 * base * (1 - q)
+
+
+def ref_clip(grads, max_norm):
+    total = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    coef = min(max_norm / (total.item() + 1e-6), 1.0)
+    return [g * coef for g in grads]
+
+
+def ref_layerwise_cg(A, v, iters):
+    x = [torch.zeros_like(t) for t in v]
+    r = [t.clone() for t in v]
+    d = [t.clone() for t in v]
+    for _ in range(iters):
+        Ad = A(d)
+        for i in range(len(v)):
+            rr = (r[i] * r[i]).sum()
+            alpha = rr / ((d[i] * Ad[i]).sum() + 1e-12)
+            x[i] = x[i] + alpha * d[i]
+            r_new = r[i] - alpha * Ad[i]
+            beta = (r_new * r_new).sum() / (rr + 1e-12)
+            d[i] = r_new + beta * d[i]
+            r[i] = r_new
+    return [torch.nan_to_num(t) for t in x]
+
+
+def reference_stage(cfg, lower, upper, head, data):
+    tp, phi_p = list(lower.backbone.parameters()), list(lower.head.parameters())
+    td, phi_d = list(upper.parameters()), list(head.parameters())
+    lower_order = torch.randperm(N_PRE, generator=generator(cfg.seed, "bissl-lower", 0))
+    upper_order = torch.randperm(N_DOWN, generator=generator(cfg.seed, "bissl-upper", 0))
+    # lower phase: LARS on L_P + (λ/2)‖θ_P − θ_D‖², clip, official schedule
+    mu = [torch.zeros_like(p) for p in tp + phi_p]
+    for k in range(cfg.lower_steps):
+        idx = lower_order[k * cfg.lower_batch_size:(k + 1) * cfg.lower_batch_size]
+        v1, v2 = data.pretext_views(idx, ("lower", k))
+        loss = lower.loss(v1, v2) + cfg.lam / 2 * sum(((p - d.detach()) ** 2).sum() for p, d in zip(tp, td))
+        grads = ref_clip(torch.autograd.grad(loss, tp + phi_p), cfg.lower_clip)
+        lr = ref_lr(k, cfg.lower_lr, cfg.lower_warmup, cfg.stages * cfg.lower_steps)
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(tp + phi_p, grads)):
+                g = g + cfg.lower_weight_decay * p
+                q = 1e-3 * p.norm() / g.norm()
+                mu[i] = cfg.lower_momentum * mu[i] + q * g
+                p -= lr * mu[i]
+    # the Hessian batch: first batch of a fresh iterator over the current permutation
+    hb = data.pretext_views(lower_order[:cfg.lower_batch_size], ("hessian", 0, 0))
+
+    def A(d):
+        g = torch.autograd.grad(lower.loss(*hb), tp, create_graph=True)
+        hd = torch.autograd.grad(sum((gi * di).sum() for gi, di in zip(g, d)), tp)
+        return [di + hi / (cfg.lam + cfg.damping) for di, hi in zip(d, hd)]
+
+    # upper phase: hypergradient + γ·classic, clip, SGD with coupled weight decay
+    buf = [None] * len(td + phi_d)
+    for k in range(cfg.upper_steps):
+        idx = upper_order[k * cfg.upper_batch_size:(k + 1) * cfg.upper_batch_size]
+        x, y = data.downstream_batch(idx, ("upper", k))
+        g_imp = torch.autograd.grad(F.cross_entropy(head(lower.backbone(x)), y), tp + phi_d)
+        hyper = ref_layerwise_cg(A, list(g_imp[:len(tp)]), cfg.cg_iters)
+        g_cls = torch.autograd.grad(F.cross_entropy(head(upper(x)), y), td + phi_d)
+        g = [h + cfg.gamma * c for h, c in zip(hyper + list(g_imp[len(tp):]), g_cls)]
+        g = ref_clip(g, cfg.upper_clip)
+        lr = ref_lr(k, cfg.upper_lr, 0, cfg.stages * cfg.upper_steps)
+        with torch.no_grad():
+            for i, (p, gi) in enumerate(zip(td + phi_d, g)):
+                gi = gi + cfg.upper_weight_decay * p
+                buf[i] = gi.clone() if buf[i] is None else cfg.upper_momentum * buf[i] + gi
+                p -= lr * buf[i]
+
+
+def flat_params(*modules):
+    return [p for m in modules for p in m.parameters()]
+
+
+def flat(*modules):
+    return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()])
+
+
+@pytest.mark.parametrize("gamma", [0.01, 1.0])
+def test_one_paper_mode_stage_equals_the_reference(gamma):
+    cfg = cfg_for(gamma)
+    lower, upper, head, data = make_problem()
+    trainer = BisslTrainer(cfg, lower, upper, head, data)
+    records = list(trainer.run(1))
+    lower_r, upper_r, head_r, data_r = make_problem()
+    reference_stage(cfg, lower_r, upper_r, head_r, data_r)
+    # equal up to float64 rounding: the two sides sum norms and losses in different orders
+    for ours, ref in ((lower, lower_r), (upper, upper_r), (head, head_r)):
+        assert (flat(ours) - flat(ref)).abs().max() < 1e-11
+    assert (flat(upper) - flat(make_problem()[1])).abs().max() > 1e-3  # and the stage did move θ_D
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["lower"] * 3 + ["upper"] * 2 + ["stage"]
+    up = [r for r in records if r["kind"] == "upper"]
+    assert all(len(r["cg_residuals"]) == 5 and len(r["cos_implicit_classic_layers"]) == len(trainer.groups) for r in up)
+
+
+def test_graph_reuse_gives_the_parameters_of_recompute():
+    results = []
+    for hvp in ("recompute", "reuse"):
+        lower, upper, head, data = make_problem()
+        list(BisslTrainer(cfg_for(1.0, hvp=hvp), lower, upper, head, data).run(2))
+        results.append(flat(lower, upper, head))
+    assert (results[0] - results[1]).abs().max() < 1e-10
+
+
+def test_true_cg_converges_where_layerwise_does_not_and_reports_residuals():
+    lower, upper, head, data = make_problem()
+    # δ = 10 as in the paper keeps A = I + H/(λ+δ) positive definite on this toy
+    cfg = cfg_for(1.0, solver="cg", cg_iters=200, cg_rtol=1e-10, warm_start="none", nonfinite="raise", damping=10.0)
+    recs = [r for r in BisslTrainer(cfg, lower, upper, head, data).run(1) if r["kind"] == "upper"]
+    assert all(r["cg_converged"] and r["cg_iterations"] < 200 for r in recs)
+    lower, upper, head, data = make_problem()
+    cfg = cfg_for(1.0, solver="layerwise", cg_iters=200, damping=10.0)
+    recs = [r for r in BisslTrainer(cfg, lower, upper, head, data).run(1) if r["kind"] == "upper"]
+    assert all(r["cg_iterations"] == 200 and not r["cg_converged"] for r in recs)  # fixed count, no tolerance
+
+
+def test_krylov_recycling_needs_fewer_products_than_cold_starts():
+    warm_start = "recycle"
+    iters = {}
+    for ws in ("none", warm_start):
+        lower, upper, head, data = make_problem()
+        cfg = cfg_for(1.0, solver="cg", cg_iters=80, cg_rtol=1e-4, warm_start=ws, hvp="reuse", upper_steps=4,
+                      nonfinite="raise", damping=10.0)
+        iters[ws] = sum(r["cg_iterations"] for r in BisslTrainer(cfg, lower, upper, head, data).run(1)
+                        if r["kind"] == "upper")
+    assert iters[warm_start] < iters["none"]
+
+
+def test_averaged_hessian_batches_and_batch_choices_run_and_differ():
+    finals = {}
+    for choice, n in (("fresh", 1), ("fresh", 3), ("lower", 2), ("random", 1)):
+        lower, upper, head, data = make_problem()
+        list(BisslTrainer(cfg_for(1.0, hessian_batch=choice, hessian_batches=n), lower, upper, head, data).run(1))
+        finals[(choice, n)] = flat(upper)
+    values = list(finals.values())
+    assert all(not torch.equal(values[0], v) for v in values[1:])
+
+
+def test_resume_after_an_interrupted_stage_gives_the_same_parameters(tmp_path):
+    lower, upper, head, data = make_problem()
+    full = BisslTrainer(cfg_for(1.0), lower, upper, head, data, out_dir=tmp_path / "full")
+    list(full.run())
+    lower2, upper2, head2, data2 = make_problem()
+    cut = BisslTrainer(cfg_for(1.0), lower2, upper2, head2, data2, out_dir=tmp_path / "cut")
+    for rec in cut.run():
+        if rec["kind"] == "upper" and rec["stage"] == 2 and rec["step"] == 1:
+            break  # killed in the middle of stage 2; the checkpoint holds stage 1
+    lower3, upper3, head3, data3 = make_problem()
+    with torch.no_grad():  # scramble the weights: everything must come from the checkpoint
+        for p in flat_params(lower3, upper3, head3):
+            p.normal_()
+    resumed = BisslTrainer(cfg_for(1.0), lower3, upper3, head3, data3, out_dir=tmp_path / "cut")
+    assert resumed.resume() and resumed.stage == 1
+    list(resumed.run())
+    assert torch.equal(flat(lower, upper, head), flat(lower3, upper3, head3))
+
+
+def test_bn_stats_restore_leaves_lower_buffers_untouched_in_the_upper_phase():
+    class BNBackbone(nn.Sequential):
+        def __init__(self):
+            super().__init__(nn.Linear(D_IN, FEAT), nn.BatchNorm1d(FEAT), nn.Tanh())
+            self.feat_dim = FEAT
+
+    for mode, should_change in (("restore", False), ("update", True)):
+        lower, upper, head, data = make_problem()
+        lower.backbone = BNBackbone()
+        upper = BNBackbone()
+        trainer = BisslTrainer(cfg_for(1.0, bn_stats=mode, lower_steps=0, hvp="recompute"), lower, upper, head, data)
+        before = lower.backbone[1].running_mean.clone()
+        list(trainer.upper_phase())
+        assert torch.equal(before, lower.backbone[1].running_mean) != should_change
+
+
+def test_evaluation_topk_and_layer_groups():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0]])
+    acc = accuracy_topk(logits, torch.tensor([1, 1, 2]), ks=(1, 2))
+    assert acc[1] == pytest.approx(2 / 3) and acc[2] == 1.0
+    names = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.1.bn2.bias", "layer2.0.conv1.weight"]
+    assert layer_groups(names) == [("stem", [0, 1]), ("layer1.0", [2]), ("layer1.1", [3]), ("layer2.0", [4])]
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("lam", 0.0, "lam=0.0 is out of range; lam must be > 0"),
+    ("damping", -1.0, "damping=-1.0 is out of range"),
+    ("cg_iters", 0, "cg_iters=0 is out of range; cg_iters must be >= 1"),
+    ("lower_steps", -1, "lower_steps=-1 is out of range"),
+    ("solver", "lbfgs", "solver='lbfgs' is not allowed"),
+    ("warm_start", "previous", "warm_start='previous' needs solver='cg'"),
+])
+def test_bad_bissl_config_is_rejected(field, value, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        cfg_for(1.0, **{field: value})
+
+
+def test_presets_are_the_spec_defaults():
+    iclr, neurips = BisslConfig.paper_iclr(), BisslConfig.paper_neurips()
+    for c in (iclr, neurips):
+        assert (c.stages, c.lower_steps, c.upper_steps, c.lam, c.damping, c.cg_iters) == (500, 20, 8, 1e-3, 10.0, 5)
+        assert c.solver == "layerwise" and c.hvp == "recompute" and c.nonfinite == "zero" and c.bn_stats == "update"
+        assert (c.lower_clip, c.upper_clip, c.lower_batch_size, c.upper_batch_size) == (10.0, 10.0, 1024, 256)
+    assert iclr.gamma == 0.01 and neurips.gamma == 1.0
+    assert BisslConfig.embedded(paper_mode=True).solver == "layerwise"
+    assert BisslConfig.embedded().hvp == "reuse"

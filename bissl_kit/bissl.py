@@ -429,9 +429,11 @@ class BisslTrainer:
                 self.upper_step += 1
                 yield {"kind": "upper", "stage": self.stage + 1, "step": k + 1, "upper_step": self.upper_step,
                        "implicit_loss": implicit_loss.item(), "classic_loss": classic_loss.item(), "lr": lr,
-                       "cg_residuals": [float(r) for r in sol.residual_norms], "cg_iterations": sol.iterations,
+                       "cg_residuals": [float(sol.initial_residual_norm)] + [float(r) for r in sol.residual_norms],
+                       "v_norm": _flat_norm(v), "cg_iterations": sol.iterations,
                        "cg_converged": bool(sol.converged), "cg_seconds": sol.seconds,
-                       "cg_nonfinite": sol.n_nonfinite, "grad_norm": float(grad_norm),
+                       "cg_nonfinite": sol.n_nonfinite, "cg_negative_curvature": bool(sol.negative_curvature),
+                       "grad_norm": float(grad_norm),
                        "distance": self.distance(), **self.alignment(sol.x, g_classic[:len(theta_d)])}
         finally:
             solver.release()
@@ -476,11 +478,15 @@ class BisslTrainer:
                                      f"the last good checkpoint is kept in {str(self.out_dir)!r}")
 
     # ---- the loop --------------------------------------------------------------------------------------
-    def run(self, stages: int | None = None) -> Iterator[dict]:
+    def run(self, stages: int | None = None, *, replay: bool = False) -> Iterator[dict]:
         """Run ``stages`` more stages (default: up to ``cfg.stages``), yielding every record.
 
-        Stages past ``cfg.stages`` keep the schedules at their final values."""
+        ``replay=True`` first yields the records a resumed run logged before (so a re-executed
+        notebook redraws the whole history). Stages past ``cfg.stages`` keep the schedules at their
+        final values."""
         c = self.cfg
+        if replay and self.out_dir is not None and (self.out_dir / "metrics.jsonl").exists():
+            yield from (json.loads(ln) for ln in (self.out_dir / "metrics.jsonl").read_text().splitlines() if ln)
         target = c.stages if stages is None else self.stage + stages
         if not self.head_warm:
             for rec in self.warm_up_head():

@@ -12,7 +12,8 @@ Panels and their definitions (docs/… in the notebook's story):
   plain fine-tuning would? — and cos(x, ∇_θP L_P) against the pretext gradient of the last lower
   step (negative: the downstream wants what the pretext task resists);
 * per-layer alignment: the first cosine per layer group (stem, layer1.0, …) and upper step;
-* CG: relative residual ‖r_k‖/‖v‖ per iteration of the latest solves (log scale);
+* CG: relative residual ‖v − A x_k‖/‖v‖ per iteration of the latest solves, from the start point
+  x_0 (0, or the warm start) (log scale);
 * distance ‖θ_P − θ_D‖, and val top-1 of (θ_D, φ_D) per stage.
 
 :func:`controls` builds the ipywidgets panel with a "run N stages" button. A widget cannot steer a
@@ -39,19 +40,19 @@ class BisslDashboard:
     def __init__(self, *, live: bool, layer_names: list[str], lower_steps: int, upper_steps: int,
                  title: str = "BiSSL stage"):
         fig = make_subplots(
-            rows=3, cols=2, vertical_spacing=0.11, horizontal_spacing=0.09,
+            rows=3, cols=2, vertical_spacing=0.11, horizontal_spacing=0.16,
             subplot_titles=("losses", "gradient alignment (cosine)", "per-layer cos(implicit, classic)",
                             "CG relative residual, latest solves", "‖θ_P − θ_D‖", "val top-1 of (θ_D, φ_D)"))
         line = dict(width=1.5)
         fig.add_trace(go.Scatter(name="lower: pretext L_P", mode="lines", line=dict(color="#1f77b4", **line)), 1, 1)
         fig.add_trace(go.Scatter(name="upper: L_D(θ_P, φ_D)", mode="lines", line=dict(color="#d62728", **line)), 1, 1)
-        fig.add_trace(go.Scatter(name="upper: L_D(θ_D, φ_D)", mode="lines", line=dict(color="#ff7f0e", **line)), 1, 1)
+        fig.add_trace(go.Scatter(name="upper: L_D(θ_D, φ_D)", mode="lines", line=dict(color="#ff7f0e", dash="dot", **line)), 1, 1)
         fig.add_trace(go.Scatter(name="cos(x, ∇θD L_D)", mode="lines+markers", marker=dict(size=4),
                                  line=dict(color="#2ca02c", **line)), 1, 2)
         fig.add_trace(go.Scatter(name="cos(x, ∇θP L_P)", mode="lines+markers", marker=dict(size=4),
                                  line=dict(color="#9467bd", **line)), 1, 2)
         fig.add_trace(go.Heatmap(name="per layer", y=list(layer_names), zmin=-1, zmax=1, zmid=0,
-                                 colorscale=LAYER_COLORSCALE, colorbar=dict(title="cos", len=0.3, y=0.5, x=0.455)), 2, 1)
+                                 colorscale=LAYER_COLORSCALE, colorbar=dict(title="cos", len=0.3, y=0.5, x=0.43, thickness=12)), 2, 1)
         fig.add_trace(go.Scatter(name="‖θ_P − θ_D‖", mode="lines", line=dict(color="#8c564b", **line), showlegend=False), 3, 1)
         fig.add_trace(go.Scatter(name="val top-1", mode="lines+markers", line=dict(color="#17becf", **line),
                                  showlegend=False), 3, 2)
@@ -64,7 +65,7 @@ class BisslDashboard:
             fig.update_yaxes(title_text=yt, row=r, col=c)
         fig.update_yaxes(range=[-1.05, 1.05], row=1, col=2)
         fig.update_yaxes(type="log", row=2, col=2)
-        fig.update_yaxes(tickformat=".0%", row=3, col=2)
+        fig.update_yaxes(tickformat=".1%", row=3, col=2)
         fig.update_layout(title=title, height=860, width=1000, margin=dict(t=90, b=40, l=60, r=20),
                           legend=dict(orientation="h", y=1.06, x=0, font=dict(size=11)))
         self.figure = LiveFigure(fig, live=live)
@@ -90,7 +91,7 @@ class BisslDashboard:
             if "cos_implicit_pretext" in rec:
                 f.extend(T_COS_PRETEXT, x, rec["cos_implicit_pretext"])
             self.heat_columns.append(rec["cos_implicit_classic_layers"])
-            v = rec["cg_residuals"][0] if rec["cg_residuals"] else 1.0
+            v = rec.get("v_norm") or 1.0
             self.residuals = (self.residuals + [[r / v for r in rec["cg_residuals"]]])[-RESIDUAL_HISTORY:]
         elif kind == "stage":
             f.extend(T_DIST, rec["stage"], rec["distance"])

@@ -43,7 +43,7 @@ class LiveFigure:
         if live and not self.live:
             warnings.warn("plotly FigureWidget is unavailable (install anywidget); showing a static figure")
         self.fig = go.FigureWidget(fig) if self.live else fig
-        self._data = {i: ([], []) for i in range(len(fig.data))}
+        self._data: dict[int, tuple[list, list]] = {}  # only the traces fed by extend()
         self._last = 0.0
         self._display = display
         if self.live and display:
@@ -51,7 +51,7 @@ class LiveFigure:
             ipy_display(self.fig)
 
     def extend(self, trace: int, x, y) -> None:
-        xs, ys = self._data[trace]
+        xs, ys = self._data.setdefault(trace, ([], []))
         xs.append(x)
         ys.append(y)
         if self.live and time.monotonic() - self._last > LIVE_REDRAW_SECONDS:

@@ -29,7 +29,6 @@ batch of the current lower permutation with new augmentations.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from .config import Config, ConfigError, param
 from .implicit import HessianOperator, HypergradientSolver, NonFiniteError
 from .optim import LARS, set_lr, warmup_cosine
 from .rng import generator, resolve_device
+from .runlog import MetricsLog, config_conflicts, progress_bar
 
 CHECKPOINT_KIND = "bissl"
 
@@ -281,6 +281,7 @@ class BisslTrainer:
         self.cfg, self.lower, self.upper, self.head, self.data = cfg, lower, upper_backbone, head, data
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.log = MetricsLog(self.out_dir) if self.out_dir is not None else None
         self.names = [n for n, _ in lower.backbone.named_parameters()]
         if self.names != [n for n, _ in upper_backbone.named_parameters()]:
             raise ValueError("upper_backbone must have the same architecture (parameter names) as lower.backbone")
@@ -485,8 +486,8 @@ class BisslTrainer:
         notebook redraws the whole history). Stages past ``cfg.stages`` keep the schedules at their
         final values."""
         c = self.cfg
-        if replay and self.out_dir is not None and (self.out_dir / "metrics.jsonl").exists():
-            yield from (json.loads(ln) for ln in (self.out_dir / "metrics.jsonl").read_text().splitlines() if ln)
+        if replay and self.log is not None:
+            yield from self.log.records()
         target = c.stages if stages is None else self.stage + stages
         if not self.head_warm:
             for rec in self.warm_up_head():
@@ -497,7 +498,7 @@ class BisslTrainer:
             self._log(rec)
             self.save()
             yield rec
-        bar = _progress(c, self.stage, target)
+        bar = progress_bar(c.progress, total=target, initial=self.stage, desc="BiSSL stages", unit="stage")
         while self.stage < target:
             t0 = time.perf_counter()
             self.lower_it.begin_stage(self.stage, c.lower_steps)
@@ -565,33 +566,22 @@ class BisslTrainer:
         """Load the run directory's checkpoint if there is one (True); otherwise start a fresh log."""
         path = self.checkpoint_path
         if path is None or not path.exists():
-            if path is not None and (self.out_dir / "metrics.jsonl").exists():
-                (self.out_dir / "metrics.jsonl").unlink()  # records of a run killed before its first checkpoint
+            if self.log is not None:
+                self.log.clear()  # records of a run killed before its first checkpoint
             return False
         ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, signature=_signature(self.lower.backbone))
-        from .pretrain import config_conflicts
-        conflicts = config_conflicts(ckpt["config"], self.cfg, ignore=RESUMABLE_FIELDS)
+        conflicts = config_conflicts(ckpt["config"], self.cfg, RESUMABLE_FIELDS)
         if conflicts:
             raise CheckpointError(f"{str(self.out_dir)!r} holds a BiSSL run with another config "
                                   f"({'; '.join(conflicts)}). Choose another out_dir, or delete "
                                   f"{str(path)!r} to start afresh.")
         self.load_state(ckpt["state"])
-        self._trim_log()
+        self.log.keep(lambda r: r.get("stage", 0) <= self.stage)  # drop a killed stage's records
         return True
 
     def _log(self, rec: dict) -> None:
-        if self.out_dir is None:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def _trim_log(self) -> None:
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln and json.loads(ln).get("stage", 0) <= self.stage]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if self.log is not None:
+            self.log.append(rec)
 
 
 class AveragedOperator:
@@ -620,12 +610,6 @@ def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
-
-def _progress(cfg: BisslConfig, initial: int, total: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="BiSSL stages", unit="stage")
 
 
 # ---- set-up from a config: the pre-training checkpoint and the embedded or paper data --------------------

@@ -123,15 +123,17 @@ def _describe(i: int, t: Tensor, names: Sequence[str] | None) -> str:
     return f"{label} of shape {tuple(t.shape)}: {n_nan} NaN, {n_inf} Inf"
 
 
-def _raise_nonfinite(where: str, iteration: int, groups: Sequence[Sequence[Tensor]],
+def _raise_nonfinite(iteration: int, groups: Sequence[tuple[str, Sequence[Tensor]]],
                      names: Sequence[str] | None) -> None:
-    for group in groups:
+    """Raise for the first non-finite tensor among the labelled ``groups`` (checked in order)."""
+    for where, group in groups:
         for i, t in enumerate(group):
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(
                     f"non-finite value in {where} at CG iteration {iteration}: {_describe(i, t, names)}")
-    raise NonFiniteError(f"non-finite scalar (overflow or 0/0 in a step size) at CG iteration {iteration}"
-                         f" in {where}")
+    where = ", ".join(w for w, _ in groups)
+    raise NonFiniteError(f"non-finite step size at CG iteration {iteration} (0/0 or overflow; {where} "
+                         "are finite)")
 
 
 def _check_matvec_output(out: Sequence[Tensor], b: Sequence[Tensor]) -> Tensors:
@@ -242,7 +244,7 @@ def cg_solve(matvec: MatVec, b: Sequence[Tensor], *, max_iter: int, mode: str = 
 def _layerwise(matvec, b, max_iter, nonfinite, names, on_product) -> CGResult:
     check = nonfinite == "raise"
     if check and not all(bool(torch.isfinite(t).all()) for t in b):
-        _raise_nonfinite("the right-hand side b", 0, [b], names)
+        _raise_nonfinite(0, [("the right-hand side b", b)], names)
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     d = [t.clone() for t in b]
@@ -264,7 +266,7 @@ def _layerwise(matvec, b, max_iter, nonfinite, names, on_product) -> CGResult:
             rr_new_all.append(rr_new)
         rr_total = torch.stack(rr_new_all).sum()
         if check and not bool(torch.isfinite(rr_total)):
-            _raise_nonfinite("A(d) or the iterates", it, [Ad, x, d], names)
+            _raise_nonfinite(it, [("A(d)", Ad), ("x", x), ("d", d)], names)
         residual_norms.append(float(torch.sqrt(rr_total)))
     n_bad = 0
     if nonfinite == "zero":
@@ -275,7 +277,7 @@ def _layerwise(matvec, b, max_iter, nonfinite, names, on_product) -> CGResult:
 def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_product, deflation) -> CGResult:
     check = nonfinite == "raise"
     if check and not all(bool(torch.isfinite(t).all()) for t in b):
-        _raise_nonfinite("the right-hand side b", 0, [b], names)
+        _raise_nonfinite(0, [("the right-hand side b", b)], names)
     n_matvec = 0
     if x0 is None:
         x = [torch.zeros_like(t) for t in b]
@@ -297,7 +299,7 @@ def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
         torch._foreach_sub_(r, dr)
     rs = _dot(r, r)
     if check and not bool(torch.isfinite(rs)):
-        _raise_nonfinite("the initial residual b - A x0", 0, [r, x], names)
+        _raise_nonfinite(0, [("the initial residual b - A x0", r), ("x0", x)], names)
     initial = float(torch.sqrt(rs))
     tols = []
     if rtol is not None:
@@ -319,12 +321,12 @@ def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
             on_product(tuple(p), Ap)
         pAp = _dot(p, Ap)
         if check and not bool(torch.isfinite(pAp)):
-            _raise_nonfinite("A(p)", it, [Ap, p], names)
+            _raise_nonfinite(it, [("A(p)", Ap), ("p", p)], names)
         if pAp <= 0:
             negative_curvature = True
         alpha = rs / pAp
         if check and not bool(torch.isfinite(alpha)):
-            _raise_nonfinite("the step size (p·Ap = 0)", it, [Ap, p], names)
+            _raise_nonfinite(it, [("A(p)", Ap), ("p", p)], names)
         torch._foreach_add_(x, torch._foreach_mul(p, alpha))
         torch._foreach_sub_(r, torch._foreach_mul(Ap, alpha))
         rs_new = _dot(r, r)

@@ -14,7 +14,6 @@ a resumed run is bit-identical to an uninterrupted one on CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
 from .pretext import METHODS, build_pretext
 from .rng import generator, resolve_device
+from .runlog import MetricsLog, config_conflicts, progress_bar
 
 CHECKPOINT_KIND = "pretrain"
 
@@ -93,13 +93,6 @@ class PretrainConfig(Config):
 RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "knn_every", "device", "out_dir", "data_root"})
 
 
-def config_conflicts(saved: dict, cfg: Config, ignore=RESUMABLE_FIELDS) -> list[str]:
-    """Fields whose saved value differs from ``cfg`` (those that change results)."""
-    now = cfg.to_dict()
-    return [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
-            if k not in ignore and json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(v))]
-
-
 def pretext_view_specs(cfg: PretrainConfig, channels: int):
     """The two augmentation specs of the pretext views (also the BiSSL lower level's)."""
     return tuple(dataclasses.replace(s, scale=tuple(cfg.crop_scale), flip_p=cfg.flip_p)
@@ -129,6 +122,7 @@ class Pretrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
+        self.log = MetricsLog(self.out_dir)
         self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
         if cfg.batch_size > len(self.images):
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
@@ -157,7 +151,7 @@ class Pretrainer:
         if not self.checkpoint_path.exists():
             return
         ckpt = load_checkpoint(self.checkpoint_path, kind=CHECKPOINT_KIND)
-        conflicts = config_conflicts(ckpt["config"], self.cfg)
+        conflicts = config_conflicts(ckpt["config"], self.cfg, RESUMABLE_FIELDS)
         if conflicts:
             raise CheckpointError(
                 f"{str(self.out_dir)!r} holds a pre-training run with another config ({'; '.join(conflicts)}). "
@@ -174,17 +168,12 @@ class Pretrainer:
             "in_channels": self.images.shape[1], "signature": self.model.backbone.signature(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
-    def _log(self, record: dict) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     def _trim_log(self) -> None:
         """Drop records past the checkpoint step: a killed run may have logged steps it must redo."""
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            keep = keep if self.step > 0 else []  # no checkpoint: the run starts afresh
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if self.step == 0:
+            self.log.clear()  # no checkpoint: the run starts afresh
+        else:
+            self.log.keep(lambda r: r["step"] <= self.step)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def knn(self):
@@ -235,16 +224,16 @@ class Pretrainer:
             yield from read_metrics(self.out_dir)
         if self.step == 0:
             rec = self._knn_record()
-            self._log(rec)
+            self.log.append(rec)
             yield rec
-        bar = _progress(cfg, initial=self.step)
+        bar = progress_bar(cfg.progress, total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.method}", unit="step")
         t0 = time.perf_counter()
         while self.step < cfg.steps:
             rec = self.train_step(self.step)
             self.step += 1
             rec["epoch"] = self.step / self.batches_per_epoch
             rec["seconds"] = time.perf_counter() - t0
-            self._log(rec)
+            self.log.append(rec)
             yield rec
             if bar is not None:
                 bar.update(1)
@@ -252,7 +241,7 @@ class Pretrainer:
             last = self.step == cfg.steps
             if last or (cfg.knn_every and self.step % cfg.knn_every == 0):
                 rec = self._knn_record()
-                self._log(rec)
+                self.log.append(rec)
                 yield rec
             if last or self.step % cfg.checkpoint_every == 0:
                 self.save()
@@ -264,13 +253,6 @@ class Pretrainer:
         return {"step": self.step, "knn": res.accuracy, "protocol": f"{self.cfg.eval_dataset} val, {res.protocol()}"}
 
 
-def _progress(cfg: PretrainConfig, initial: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=cfg.steps, initial=initial, desc=f"pretrain {cfg.method}", unit="step")
-
-
 def pretrain(cfg: PretrainConfig) -> list[dict]:
     """Run (or resume) pre-training to the end; return all records of this call."""
     return list(Pretrainer(cfg).run())
@@ -278,5 +260,4 @@ def pretrain(cfg: PretrainConfig) -> list[dict]:
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
     """All records of a run directory's ``metrics.jsonl`` (step records and k-NN records)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+    return MetricsLog(out_dir).records()

@@ -14,3 +14,10 @@ def tiny_pretrain(tmp_path):
     return PretrainConfig(steps=6, batch_size=16, warmup_steps=2, width=4, proj_hidden=32, proj_dim=16,
                           knn_every=3, checkpoint_every=3, progress=False, device="cpu",
                           out_dir=str(tmp_path / "pretrain"))
+
+
+@pytest.fixture(autouse=True)
+def _global_default_dtype_untouched():
+    """A module that changes torch's default dtype at import time leaks it into every other test."""
+    assert torch.get_default_dtype() == torch.float32, "a test module changed torch's default dtype globally"
+    yield

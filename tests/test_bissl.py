@@ -11,8 +11,16 @@ from bissl_kit.config import ConfigError
 from bissl_kit.losses import nt_xent
 from bissl_kit.rng import generator
 
-torch.set_default_dtype(torch.float64)
 D_IN, FEAT, N_PRE, N_DOWN, CLASSES = 6, 5, 24, 18, 3
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every test here runs in float64; restored afterwards so other modules keep float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class TinyBackbone(nn.Sequential):

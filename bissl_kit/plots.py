@@ -129,7 +129,7 @@ class PretrainMonitor:
         fig.update_xaxes(title_text="optimiser step", row=1, col=1)
         fig.update_xaxes(title_text="optimiser step", row=1, col=2)
         fig.update_yaxes(title_text="loss", row=1, col=1)
-        fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
+        fig.update_yaxes(title_text="accuracy", tickformat=".1%", row=1, col=2)
         fig.update_layout(title=title, height=400, width=900, showlegend=False, margin=dict(t=110, b=50))
         self.figure = LiveFigure(fig, live=live)
         self.title = title

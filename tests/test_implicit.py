@@ -501,7 +501,7 @@ def test_closed_form_bilevel_toy(damping):
 
 # --- recycling across the upper steps of a stage -----------------------------------------------------
 
-def test_krylov_memory_guess_is_galerkin_and_consistent():
+def test_krylov_memory_guess_is_galerkin():
     gen = torch.Generator().manual_seed(16)
     b = random_tuple(SHAPES, gen)
     n = flat(b).numel()
@@ -511,17 +511,17 @@ def test_krylov_memory_guess_is_galerkin_and_consistent():
     assert mem.initial_guess(b) is None
     cg_solve(mv, b, max_iter=8, on_product=mem.record(b))
     assert mem.size == 8
-    Q = mem._Q[:8]
-    assert torch.allclose(Q @ Q.T, torch.eye(8, dtype=DT), atol=1e-12)
+    Q = mem._W[:8]
+    assert torch.allclose(Q.norm(dim=1), torch.ones(8, dtype=DT))
+    assert torch.allclose(mem._AW[:8], Q @ A, atol=1e-10)  # stored A w consistent with w
     # exact when the solution lies in the recorded span
     x_true = torch.randn(8, generator=gen, dtype=DT) @ Q
-    x0, r0 = mem.initial_guess(unflat(A @ x_true, b))
+    x0 = mem.initial_guess(unflat(A @ x_true, b))
     assert torch.allclose(flat(x0), x_true, rtol=1e-10, atol=1e-12)
-    # otherwise Galerkin (residual orthogonal to the span) with a residual that is truly b - A x0
+    # otherwise Galerkin: the residual has no component along the span
     b2 = random_tuple(SHAPES, gen)
-    x0, r0 = mem.initial_guess(b2)
-    assert torch.allclose(flat(r0), flat(b2) - A @ flat(x0), atol=1e-10)
-    assert torch.allclose(Q @ flat(r0), torch.zeros(8, dtype=DT), atol=1e-10)
+    x0 = mem.initial_guess(b2)
+    assert torch.allclose(Q @ (flat(b2) - A @ flat(x0)), torch.zeros(8, dtype=DT), atol=1e-10)
 
 
 def test_krylov_memory_stops_at_max_size_and_skips_known_directions():
@@ -557,8 +557,9 @@ def test_deflated_cg_is_exact_faster_and_searches_A_orthogonally_to_memory():
     exact = unflat(torch.linalg.solve(A, flat(b2)), b2)
     assert defl.converged and rel_err(defl.x, exact) < 1e-8
     assert defl.iterations < plain.iterations
-    AW = mem._AQ[:k]
-    for p in seen:  # Wᵀ A p = (AW)ᵀ p = 0 for every deflated search direction
+    assert defl.n_matvec == defl.iterations + 1  # the start's residual costs one real product
+    AW = mem._AW[:k]
+    for p in seen[1:]:  # Wᵀ A p = (AW)ᵀ p = 0 for every deflated search direction
         assert float((AW @ p).abs().max()) < 1e-8 * float(p.norm()) * float(AW.norm())
     with pytest.raises(ValueError, match="deflation must be None"):
         cg_solve(mv, b2, max_iter=3, mode="layerwise", deflation=mem)

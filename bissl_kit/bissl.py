@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,7 +41,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
-from .implicit import HessianOperator, HypergradientSolver, NonFiniteError
+from .implicit import HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers
 from .optim import LARS, set_lr, warmup_cosine
 from .rng import generator, resolve_device
 from .runlog import MetricsLog, config_conflicts, progress_bar
@@ -176,31 +175,6 @@ def layer_groups(names: list[str]) -> list[tuple[str, list[int]]]:
         key = ".".join(parts[:2]) if parts[0].startswith("layer") else ("stem" if parts[0] in ("conv1", "bn1") else parts[0])
         groups.setdefault(key, []).append(i)
     return list(groups.items())
-
-
-@contextmanager
-def isolated_bn_buffers(module: nn.Module, keep_updates: bool):
-    """Run train-mode forwards of ``module`` on private copies of its BatchNorm buffers.
-
-    ``keep_updates=False`` discards the running-statistic updates (no drift); ``True`` copies them
-    back (the official behaviour). Copies rather than a save/restore, because autograd saves the
-    buffers a BatchNorm forward used: restoring them in place would break the later backward.
-    """
-    swapped = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            for name, buf in m._buffers.items():
-                if buf is not None:
-                    swapped.append((m, name, buf))
-                    m._buffers[name] = buf.clone()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, name, original in swapped:
-                if keep_updates:
-                    original.copy_(m._buffers[name])
-                m._buffers[name] = original
 
 
 def accuracy_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:

@@ -55,6 +55,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -366,6 +367,31 @@ def _bn_modules(module: nn.Module | None) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
 
+@contextmanager
+def isolated_bn_buffers(module: nn.Module | None, keep_updates: bool):
+    """Run train-mode forwards of ``module`` on private copies of its BatchNorm buffers.
+
+    ``keep_updates=False`` discards the running-statistic updates (no drift); ``True`` copies them
+    back (the official behaviour).  Copies rather than save/restore: autograd saves the buffers a
+    BatchNorm forward used, so restoring them in place would break a later backward through that
+    graph (a retained graph of ``reuse``, or the caller's own backward).
+    """
+    swapped = []
+    for m in _bn_modules(module):
+        for name, buf in m._buffers.items():
+            if buf is not None:
+                swapped.append((m, name, buf))
+                m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, original in swapped:
+                if keep_updates:
+                    original.copy_(m._buffers[name])
+                m._buffers[name] = original
+
+
 class HessianOperator:
     r"""``A(d) = d + H d / (λ + δ)`` with H the Hessian of ``loss_fn(batch)`` w.r.t. ``params``.
 
@@ -432,20 +458,8 @@ class HessianOperator:
     # the module's own buffers untouched, and the retained graph (reuse) must never hold a buffer that
     # a later train-mode forward of the caller updates in place, or autograd's version check fails.
     def _loss(self) -> Tensor:
-        swapped = []
-        for m in _bn_modules(self.module):
-            for name, buf in m._buffers.items():
-                if buf is not None:
-                    swapped.append((m, name, buf))
-                    m._buffers[name] = buf.clone()
-        try:
+        with isolated_bn_buffers(self.module, keep_updates=self.bn_stats == "update"):
             loss = self.loss_fn(self.batch)
-        finally:
-            with torch.no_grad():
-                for m, name, original in swapped:
-                    if self.bn_stats == "update":
-                        original.copy_(m._buffers[name])
-                    m._buffers[name] = original
         self.n_loss_calls += 1
         if loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")

@@ -67,7 +67,9 @@ MODES = {
     "reuse+cg5": (dict(mode="reuse"), dict(mode="global", max_iter=OFFICIAL_CG_ITERS, warm_start="none")),
     "reuse+cg-tol": (dict(mode="reuse"), {**RECOMMENDED_SOLVER, "warm_start": "none"}),
     "reuse+cg-tol+previous": (dict(mode="reuse"), {**RECOMMENDED_SOLVER, "warm_start": "previous"}),
-    "reuse+cg-tol+recycle": (dict(mode="reuse"), dict(RECOMMENDED_SOLVER)),
+    "reuse+cg-tol+recycle": (dict(mode="reuse"), {**RECOMMENDED_SOLVER, "exact_start": True}),
+    "reuse+cg-tol+recycle-free": (dict(mode="reuse"), {**RECOMMENDED_SOLVER, "exact_start": False}),
+    "reuse+cg2+recycle-free": (dict(mode="reuse"), {**RECOMMENDED_SOLVER, "max_iter": 2, "exact_start": False}),
 }
 DEFAULT_MODE = "reuse+cg-tol+recycle"
 
@@ -97,8 +99,8 @@ def parse_args(argv=None):
                     help="iteration cap of the cg-tol modes.")
     ap.add_argument("--damping", type=float, default=OFFICIAL_DAMPING,
                     help="δ in A = I + H/(λ+δ); the official 10 gives an indefinite A on the pre-trained CPU backbone.")
-    ap.add_argument("--ref-rtol", type=float, default=1e-4,
-                    help="relative residual of the reference solve (float32 products bottom out near 1e-4).")
+    ap.add_argument("--ref-rtol", type=float, default=3e-4,
+                    help="relative residual of the reference solve (float32 CG stagnates near 1e-4).")
     ap.add_argument("--ref-max-iter", type=int, default=100, help="iteration cap of each reference solve.")
     # Running
     ap.add_argument("--device", default="cpu", help="cpu or cuda.")
@@ -306,6 +308,8 @@ def child_main(args):
     op_opts, solver_opts = MODES[args.child]
     if "cg-tol" in args.child:
         solver_opts = {**solver_opts, "rtol": args.rtol, "max_iter": args.max_iter}
+    elif "cg2" in args.child:
+        solver_opts = {**solver_opts, "rtol": args.rtol}
     runs = []
     for rep in range(args.repeats):
         if prob.device.type == "cuda":
@@ -379,6 +383,19 @@ def reference_valid(ref_info, args):
                for r in ref_info)
 
 
+def without_option(argv, name):
+    """argv without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -418,8 +435,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "payload.pt"
         torch.save({"state": state, "reference": ref}, payload)
-        base = [sys.executable, __file__, "--state", str(payload)] + [
-            a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+        base = [sys.executable, __file__, "--state", str(payload)] + without_option(
+            list(argv if argv is not None else sys.argv[1:]), "--json")
         for mode in args.modes.split(","):
             t0 = time.perf_counter()
             proc = subprocess.run(base + ["--child", mode], capture_output=True, text=True)

@@ -10,14 +10,18 @@ The upper level of BiSSL needs the hypergradient (spec §1.4)
 where H is the Hessian of the pretext loss with respect to the backbone only, on one fixed pretext
 batch (the "Hessian batch"), λ = 1e-3 is the proximal weight and δ = 10 the damping that the official
 code adds to λ inside the hypergradient only.  Nothing guarantees that A is positive definite (H may
-be indefinite, spec C3); in practice A is close to I.
+be indefinite, spec C3), and A is not close to I on a real backbone: on the narrow CPU ResNet-18 after
+100 SimCLR steps, Lanczos started from v finds H's eigenvalues from −28 to 1167, so A (δ = 10) has
+eigenvalues from −1.8 to 118 with some near 0; v itself has a Rayleigh quotient vᵀHv/vᵀv ≈ 360.
+CG is only valid for positive definite A; :class:`CGResult` flags ``negative_curvature`` when it
+meets pᵀAp ≤ 0.
 
 Building blocks
 ---------------
 * :func:`cg_solve` solves ``A x = b`` for ``b`` a tuple of parameter-shaped tensors, either with the
   official per-tensor recursion (``mode="layerwise"``, spec §1.5, reproduced bit for bit; *not* CG and
   not convergent) or with textbook conjugate gradient on the concatenated vector (``mode="global"``,
-  with tolerance and warm start).
+  with tolerance, warm start and deflation).
 * :class:`HessianOperator` is ``A`` for a loss over a subset of parameters.  ``mode="recompute"`` is
   the official product (forward + create-graph backward + double backward per product);
   ``mode="reuse"`` builds the first-order gradient graph once and answers every product of the stage
@@ -37,17 +41,22 @@ BatchNorm (spec C5)
 In train mode every BatchNorm forward normalises with the batch statistics *and* updates the running
 buffers.  :class:`HessianOperator` takes ``bn_stats``:
 
-* ``"restore"`` (default): the BatchNorm buffers (``running_mean``, ``running_var``,
-  ``num_batches_tracked``) of ``module`` are saved before each pretext forward the operator runs and
-  copied back right after it, so they are bit-identical after any number of products, in both modes.
-  The forward still normalises with batch statistics, so H is the Hessian of the same train-mode loss
-  as in the official code; only the side effect on the buffers is removed.
-* ``"update"``: the buffers are left alone.  With ``mode="recompute"`` each product runs ``loss_fn``
-  once, so every BatchNorm layer gets one running-stat update per BatchNorm forward in ``loss_fn``
-  (two per product for SimCLR, which feeds both views): this is the official drift.  With
-  ``mode="reuse"`` only the single graph-building forward updates them: one update per stage.
+* ``"restore"`` (default): every pretext forward the operator runs uses private copies of the
+  BatchNorm buffers (``running_mean``, ``running_var``, ``num_batches_tracked``) of ``module``, which
+  are then dropped; the module's own buffers are bit-identical after any number of products, in
+  both modes.  The forward still normalises with batch statistics, so H is the Hessian of the same
+  train-mode loss as in the official code; only the side effect on the buffers is removed.
+* ``"update"``: the updated copies are written back into the module's buffers after each forward.
+  With ``mode="recompute"`` each product runs ``loss_fn`` once, so every BatchNorm layer gets one
+  running-stat update per BatchNorm forward in ``loss_fn`` per product (the official code feeds the
+  two SimCLR views as two forwards: two per product, 2·K·N_U per stage): this is the official drift
+  (spec C5).  With ``mode="reuse"`` only the single graph-building forward updates them: once per
+  stage, whatever the number of products.
 
-In eval mode BatchNorm uses its running buffers and updates nothing, whatever ``bn_stats`` says.
+Either way the retained graph holds only the private copies, so the caller's own train-mode forwards
+through the backbone during the stage (the downstream forward through θ_P) may update the buffers in
+place without breaking later products.  In eval mode BatchNorm uses its running buffers and updates
+nothing, whatever ``bn_stats`` says.
 """
 from __future__ import annotations
 
@@ -298,8 +307,11 @@ def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
         # Galerkin start on span(W); r0 comes from a real product, so that the recursion stays
         # consistent with b - A x whatever the rounding in the stored AW
         r_start = b if x0 is None else (r0 if r0 is not None else _sub(b, apply(tuple(x))))
-        torch._foreach_add_(x, deflation.galerkin(r_start, k_defl))
-        r = _sub(b, apply(tuple(x)))
+        dx, dAx = deflation.galerkin(r_start, k_defl, with_product=True)
+        torch._foreach_add_(x, dx)
+        # exact_start: r from one real product, consistent with b - A x whatever the rounding in
+        # the stored AW; otherwise r = r_start - AW y for free (consistent to that rounding)
+        r = _sub(b, apply(tuple(x))) if deflation.exact_start else _sub(r_start, dAx)
     elif x0 is None:
         r = [t.clone() for t in b]
     else:
@@ -410,10 +422,9 @@ class HessianOperator:
     lam, damping : λ and δ; ``scale = 1/(λ+δ)``.
     bn_stats, module : what happens to the BatchNorm buffers of ``module`` (see the module docstring):
         ``"restore"`` keeps them bit-identical, ``"update"`` lets each pretext forward update them.
-        Pass the module that owns the BatchNorm layers (the backbone, or the whole pretext model):
-        the forward then runs on private copies of the buffers (copied back for ``"update"``), so the
-        retained graph survives the caller's own train-mode forwards through the backbone during the
-        stage (the downstream forward through θ_P).  Without ``module`` nothing is protected.
+        Pass the module that owns the BatchNorm layers (the backbone, or the whole pretext model);
+        without ``module`` the forward runs on the live buffers: they drift as with ``"update"`` and
+        a train-mode forward of the caller may invalidate a ``"reuse"`` graph.
 
     Counters: ``n_products`` (double backwards), ``n_loss_calls`` (calls of ``loss_fn``, i.e. pretext
     forwards) and ``n_graph_builds`` (create-graph backwards).  Per stage of N_U upper steps with K
@@ -565,16 +576,22 @@ class KrylovMemory:
     G⁺ is the pseudo-inverse with eigenvalues below √ε·max|eig| (ε of the vectors' dtype) dropped
     as rounding noise.  Memory: 2·``max_size``·n numbers (n = number of backbone parameters); when
     full, further directions are ignored.
+
+    ``exact_start``: a deflated solve computes its starting residual b − A x₀ with one real product
+    (True: exact whatever the rounding of AW), or as b − (AW) y from the stored products (False:
+    free, exact up to that rounding, ~1e-4 relative in float32; then a step whose Galerkin start
+    already meets the tolerance costs no product at all).
     """
 
     #: A direction with less than this fraction of its norm outside span(W) adds nothing reliable
     #: (and would make G ill-conditioned); it is skipped.
     DROP_TOL = 1e-2
 
-    def __init__(self, max_size: int = 32):
+    def __init__(self, max_size: int = 32, *, exact_start: bool = True):
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
             raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
         self.max_size = max_size
+        self.exact_start = exact_start
         self.clear()
 
     def clear(self) -> None:
@@ -638,12 +655,15 @@ class KrylovMemory:
             self._Ginv = (k, torch.linalg.pinv(self._G[:k, :k], hermitian=True, rtol=math.sqrt(eps)))
         return self._Ginv[1]
 
-    def galerkin(self, r: Sequence[Tensor], k: int | None = None) -> Tensors:
-        """``Δx = W G⁺ Wᵀ r`` from the first k directions (all by default)."""
+    def galerkin(self, r: Sequence[Tensor], k: int | None = None, *,
+                 with_product: bool = False) -> Tensors | tuple[Tensors, Tensors]:
+        """``Δx = W G⁺ Wᵀ r`` from the first k directions (all by default); with ``with_product``
+        also ``A Δx = (AW) G⁺ Wᵀ r`` from the stored products."""
         k = self.size if k is None else k
         self._shapes = [t.shape for t in r]
-        y = self._G_pinv(k) @ (self._W[:k] @ self._flat(r)).double()
-        return self._unflat(y.to(self._W.dtype) @ self._W[:k])
+        y = (self._G_pinv(k) @ (self._W[:k] @ self._flat(r)).double()).to(self._W.dtype)
+        dx = self._unflat(y @ self._W[:k])
+        return (dx, self._unflat(y @ self._AW[:k])) if with_product else dx
 
     def deflate(self, r: Sequence[Tensor], k: int | None = None) -> Tensors:
         """``W G⁺ (AW)ᵀ r`` over the first k directions."""
@@ -731,7 +751,7 @@ class HypergradientSolver:
 
     def __init__(self, operator: MatVec, *, mode: str = "global", max_iter: int = OFFICIAL_CG_ITERS,
                  rtol: float | None = None, atol: float | None = None, warm_start: str = "none",
-                 nonfinite: str = "raise", memory_size: int = 32):
+                 nonfinite: str = "raise", memory_size: int = 32, exact_start: bool = True):
         if warm_start not in _WARM_STARTS:
             raise ValueError(f"warm_start must be one of {_WARM_STARTS}, got {warm_start!r}")
         if mode == "layerwise" and warm_start != "none":
@@ -739,7 +759,7 @@ class HypergradientSolver:
         self.operator = operator
         self.options = dict(mode=mode, max_iter=max_iter, rtol=rtol, atol=atol, nonfinite=nonfinite)
         self.warm_start = warm_start
-        self.memory = KrylovMemory(memory_size) if warm_start == "recycle" else None
+        self.memory = KrylovMemory(memory_size, exact_start=exact_start) if warm_start == "recycle" else None
         self.previous: Tensors | None = None
         self.history: list[HypergradResult] = []
 

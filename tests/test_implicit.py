@@ -440,6 +440,21 @@ def test_bn_update_drifts_once_per_loss_call(mode, expected_calls):
     assert torch.allclose(after[1], expected[1], rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("bn_stats", ["restore", "update"])
+def test_reuse_graph_survives_callers_train_mode_forwards(bn_stats):
+    # the upper step runs θ_P forward in train mode between products (v = ∇_θP L_D); that updates
+    # the BN buffers in place, which must not invalidate the retained graph
+    net, params, batch, loss_fn = bn_setup()
+    op = HessianOperator(loss_fn, params, batch, mode="reuse", bn_stats=bn_stats, module=net)
+    d = tuple(torch.randn_like(p) for p in params.values())
+    first = op.hvp(d)
+    net(torch.randn(8, 3, dtype=DT))  # in-place running-stat update
+    again = op.hvp(d)
+    fresh = HessianOperator(loss_fn, params, batch, mode="recompute", module=net).hvp(d)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.allclose(flat(again), flat(fresh), rtol=1e-12, atol=1e-14)
+
+
 def test_bn_mode_does_not_change_the_hessian():
     net, params, batch, loss_fn = bn_setup()
     d = tuple(torch.randn_like(p) for p in params.values())
@@ -558,6 +573,10 @@ def test_deflated_cg_is_exact_faster_and_searches_A_orthogonally_to_memory():
     assert defl.converged and rel_err(defl.x, exact) < 1e-8
     assert defl.iterations < plain.iterations
     assert defl.n_matvec == defl.iterations + 1  # the start's residual costs one real product
+    mem.exact_start = False
+    free = cg_solve(mv, b2, max_iter=10 * n, rtol=1e-11, deflation=mem)
+    assert free.converged and free.n_matvec == free.iterations and rel_err(free.x, exact) < 1e-8
+    mem.exact_start = True
     AW = mem._AW[:k]
     for p in seen[1:]:  # Wᵀ A p = (AW)ᵀ p = 0 for every deflated search direction
         assert float((AW @ p).abs().max()) < 1e-8 * float(p.norm()) * float(AW.norm())

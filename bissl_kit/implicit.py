@@ -91,7 +91,7 @@ OFFICIAL_DAMPING = 10.0
 Tensors = tuple[Tensor, ...]
 MatVec = Callable[[Tensors], Sequence[Tensor]]
 
-_CG_MODES = ("global", "layerwise")
+_CG_MODES = ("global", "layerwise", "minres")
 _NONFINITE = ("raise", "zero")
 _HVP_MODES = ("reuse", "recompute")
 _BN_STATS = ("restore", "update")
@@ -110,6 +110,8 @@ class CGResult:
     residual the recursion carries.  For ``"global"`` that is b − A x up to rounding; for
     ``"layerwise"`` it is *not* b − A x (per-tensor step sizes break the identity), which is why the
     official recursion can look converged while x is not.  ``initial_residual_norm`` is ‖r_0‖.
+    ``negative_curvature``: CG met pᵀAp ≤ 0 (its step is then invalid); MINRES met a Lanczos vector
+    with vᵀAv ≤ 0 (a proof that A is not positive definite, but not every indefinite A shows one).
     """
 
     x: Tensors
@@ -214,6 +216,12 @@ def cg_solve(matvec: MatVec, b: Sequence[Tensor], *, max_iter: int, mode: str = 
     behaviour: the recursion runs unchecked and the solution goes through ``torch.nan_to_num``
     (NaN → 0, ±Inf → ±largest finite) with a ``RuntimeWarning``; ``n_nonfinite`` counts the entries.
 
+    ``mode="minres"``: MINRES on the concatenated vector, with the same tolerance and warm-start
+    arguments as ``"global"``.  It needs only a symmetric A: where A = I + H/(λ+δ) is indefinite
+    (as it is on the CPU backbone at the official δ, see the module docstring) CG has no valid step
+    (pᵀAp ≤ 0) and its residual can grow, while MINRES minimises ‖b − A x‖ over the Krylov space, so
+    the residual never grows.  Same cost: one product per iteration.
+
     ``on_product(p, Ap)`` is called after every product (used by :class:`KrylovMemory`).
 
     ``deflation`` (global only): a :class:`KrylovMemory` holding W = Q and AW from earlier solves with
@@ -251,6 +259,10 @@ def cg_solve(matvec: MatVec, b: Sequence[Tensor], *, max_iter: int, mode: str = 
             raise ValueError("layerwise reproduces the official recursion: it has no tolerance and starts at "
                              "x0 = 0; rtol, atol, x0 and deflation must be None")
         return _layerwise(matvec, b, max_iter, nonfinite, names, on_product)
+    if mode == "minres":
+        if deflation is not None:
+            raise ValueError("deflation (Krylov recycling) is implemented for mode='global' only")
+        return _minres(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_product)
     return _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_product, deflation)
 
 
@@ -361,6 +373,91 @@ def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
         else:
             p = torch._foreach_add(r, torch._foreach_mul(p, rs_new / rs))
         rs = rs_new
+    n_bad = 0
+    if nonfinite == "zero":
+        x, n_bad = _finalize_nonfinite(x)
+    return CGResult(tuple(x), residual_norms, converged, it, n_matvec, initial, n_bad, negative_curvature)
+
+
+def _minres(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_product) -> CGResult:
+    """MINRES (Paige & Saunders 1975) in the Lanczos form of Choi, Paige & Saunders (SISC 2011).
+
+    Valid for any symmetric A, definite or not: x_k minimises ‖b − A x‖ over x_0 + K_k(A, r_0), so
+    the residual never grows.  The Lanczos vectors are kept three at a time; the residual norm φ_k
+    comes out of the Givens rotations for free.
+    """
+    check = nonfinite == "raise"
+    if check and not all(bool(torch.isfinite(t).all()) for t in b):
+        _raise_nonfinite(0, [("the right-hand side b", b)], names)
+    n_matvec = 0
+
+    def apply(d: Tensors) -> Tensors:
+        nonlocal n_matvec
+        Ad = _check_matvec_output(matvec(d), b)
+        n_matvec += 1
+        if on_product is not None:
+            on_product(d, Ad)
+        return Ad
+
+    x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
+    if x0 is None:
+        r = [t.clone() for t in b]
+    else:
+        r = [t.clone() for t in r0] if r0 is not None else _sub(b, apply(tuple(x)))
+    beta = float(torch.sqrt(_dot(r, r)))
+    if check and not math.isfinite(beta):
+        _raise_nonfinite(0, [("the initial residual b - A x0", r), ("x0", x)], names)
+    initial = beta
+    tols = []
+    if rtol is not None:
+        tols.append(rtol * float(torch.sqrt(_dot(b, b))))
+    if atol is not None:
+        tols.append(atol)
+    tol = max(tols) if tols else None
+    converged = beta == 0.0 or (tol is not None and beta <= tol)
+    residual_norms: list[float] = []
+    negative_curvature = False
+    it = 0
+    if not converged:
+        v = [t / beta for t in r]
+        v_prev = [torch.zeros_like(t) for t in b]
+        d_prev = [torch.zeros_like(t) for t in b]    # d_{k-1}
+        d_prev2 = [torch.zeros_like(t) for t in b]   # d_{k-2}
+        phi = beta
+        c, s = -1.0, 0.0          # previous rotation
+        delta1, eps = 0.0, 0.0    # δ_k^(1), ε_k carried from the previous step
+        while it < max_iter:
+            it += 1
+            p = list(apply(tuple(v)))
+            alpha = float(_dot(v, p))
+            if check and not math.isfinite(alpha):
+                _raise_nonfinite(it, [("A(v)", p), ("v", v)], names)
+            if alpha <= 0:
+                negative_curvature = True  # the Rayleigh quotient vᵀAv ≤ 0: A is not positive definite
+            torch._foreach_sub_(p, torch._foreach_mul(v, alpha))
+            torch._foreach_sub_(p, torch._foreach_mul(v_prev, beta))
+            beta_next = float(torch.sqrt(_dot(p, p)))
+            # the previous rotation on column k of the tridiagonal matrix, then a new one
+            delta2 = c * delta1 + s * alpha
+            gamma1 = s * delta1 - c * alpha
+            eps_next = s * beta_next
+            delta1 = -c * beta_next
+            gamma2 = math.hypot(gamma1, beta_next)
+            if gamma2 == 0.0:  # A singular on the Krylov space: no further progress is possible
+                break
+            c, s = gamma1 / gamma2, beta_next / gamma2
+            tau, phi = c * phi, s * phi
+            d = [(vi - delta2 * dp - eps * dp2) / gamma2 for vi, dp, dp2 in zip(v, d_prev, d_prev2)]
+            torch._foreach_add_(x, torch._foreach_mul(d, tau))
+            residual_norms.append(phi)
+            if check and not all(bool(torch.isfinite(t).all()) for t in x):
+                _raise_nonfinite(it, [("x", x), ("A(v)", p)], names)
+            if phi == 0.0 or beta_next == 0.0 or (tol is not None and phi <= tol):
+                converged = True
+                break
+            d_prev2, d_prev = d_prev, d
+            v_prev, v = v, [t / beta_next for t in p]
+            beta, eps = beta_next, eps_next
     n_bad = 0
     if nonfinite == "zero":
         x, n_bad = _finalize_nonfinite(x)
@@ -711,7 +808,7 @@ def hypergradient(v: Sequence[Tensor], operator: MatVec, *, mode: str = "global"
     on_product = None
     if memory is not None:
         if mode != "global":
-            raise ValueError("memory (Krylov recycling) needs mode='global'")
+            raise ValueError(f"memory (Krylov recycling) needs mode='global', got mode={mode!r}")
         on_product = memory.record(v)
     sync = v[0].device.type == "cuda"
     if sync:
@@ -756,6 +853,8 @@ class HypergradientSolver:
             raise ValueError(f"warm_start must be one of {_WARM_STARTS}, got {warm_start!r}")
         if mode == "layerwise" and warm_start != "none":
             raise ValueError("layerwise has no warm start (official recursion starts at 0); use warm_start='none'")
+        if mode == "minres" and warm_start == "recycle":
+            raise ValueError("warm_start='recycle' (deflated CG) needs mode='global'; minres takes 'none' or 'previous'")
         self.operator = operator
         self.options = dict(mode=mode, max_iter=max_iter, rtol=rtol, atol=atol, nonfinite=nonfinite)
         self.warm_start = warm_start

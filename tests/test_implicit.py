@@ -686,3 +686,77 @@ def test_property_deflated_cg_solves_with_any_memory(shapes, seed, k):
     res = cg_solve(mv, b, max_iter=20 * n, rtol=1e-12, deflation=mem)
     assert res.converged
     assert rel_err(res.x, unflat(torch.linalg.solve(A, flat(b)), b)) < 1e-8
+
+
+# --- MINRES: the Krylov solver that stays valid when A = I + H/(λ+δ) is indefinite -------------------
+
+def random_symmetric_indefinite(n, gen, n_negative=3):
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    eig = torch.logspace(-1, 2, n, dtype=DT)
+    eig[:n_negative] *= -1  # a few negative eigenvalues, as I + H/(λ+δ) has on the CPU backbone
+    return Q @ torch.diag(eig) @ Q.T
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_minres_matches_linalg_solve(indefinite):
+    gen = torch.Generator().manual_seed(11)
+    b = random_tuple(SHAPES, gen)
+    n = flat(b).numel()
+    A = random_symmetric_indefinite(n, gen) if indefinite else random_spd(n, gen, cond=1e3)
+    res = cg_solve(dense_matvec(A, b), b, max_iter=10 * n, rtol=1e-12, mode="minres")
+    exact = torch.linalg.solve(A, flat(b))
+    assert res.converged and res.n_matvec == res.iterations
+    assert rel_err(res.x, unflat(exact, b)) < 1e-8
+    if not indefinite:
+        assert not res.negative_curvature  # vᵀAv > 0 for every Lanczos vector of an SPD A
+    # φ_k, the residual MINRES carries, is the true residual of its iterate
+    true_res = float(torch.linalg.vector_norm(flat(b) - A @ flat(res.x)))
+    assert math.isclose(true_res, res.residual_norms[-1], rel_tol=1e-4, abs_tol=1e-13)
+
+
+def test_minres_residual_never_grows_where_cg_breaks_down():
+    gen = torch.Generator().manual_seed(12)
+    b = random_tuple(SHAPES, gen)
+    n = flat(b).numel()
+    A = random_symmetric_indefinite(n, gen, n_negative=5)
+    mv = dense_matvec(A, b)
+    mr = cg_solve(mv, b, max_iter=30, mode="minres")
+    cg = cg_solve(mv, b, max_iter=30, mode="global")
+    norms = [float(torch.linalg.vector_norm(flat(b)))] + mr.residual_norms
+    assert all(b_ <= a * (1 + 1e-12) for a, b_ in zip(norms, norms[1:]))
+    assert cg.negative_curvature
+    assert max(cg.residual_norms) > norms[0]  # CG's residual grows on this indefinite system
+    # MINRES's iterate minimises the residual over the Krylov space, so it beats CG's at equal products
+    true_mr = torch.linalg.vector_norm(flat(b) - A @ flat(mr.x))
+    true_cg = torch.linalg.vector_norm(flat(b) - A @ flat(cg.x))
+    assert true_mr <= true_cg
+
+
+def test_minres_warm_start_and_tolerance():
+    gen = torch.Generator().manual_seed(13)
+    b = random_tuple(SHAPES, gen)
+    n = flat(b).numel()
+    A = random_symmetric_indefinite(n, gen)
+    mv = dense_matvec(A, b)
+    exact = unflat(torch.linalg.solve(A, flat(b)), b)
+    cold = cg_solve(mv, b, max_iter=10 * n, rtol=1e-6, mode="minres")
+    near = tuple(e + 1e-4 * torch.randn(e.shape, generator=gen, dtype=DT) for e in exact)
+    warm = cg_solve(mv, b, max_iter=10 * n, rtol=1e-6, mode="minres", x0=near)
+    assert cold.converged and warm.converged
+    assert warm.iterations < cold.iterations and warm.n_matvec == warm.iterations + 1
+    assert cold.residual_norms[-1] <= 1e-6 * float(torch.linalg.vector_norm(flat(b)))
+
+
+def test_minres_hypergradient_on_tiny_network():
+    net, params, batch, loss_fn = tiny_setup()
+    Hd = dense_hessian(net, params, batch, loss_fn)
+    lam, damping = 0.05, 0.0
+    A = torch.eye(Hd.shape[0], dtype=DT) + Hd / (lam + damping)
+    op = HessianOperator(loss_fn, params, batch, lam=lam, damping=damping)
+    v = random_tuple([p.shape for p in params.values()], torch.Generator().manual_seed(3))
+    solver = HypergradientSolver(op, mode="minres", max_iter=500, rtol=1e-12, warm_start="previous")
+    res = solver.solve(v)
+    assert res.converged and rel_err(res.x, unflat(torch.linalg.solve(A, flat(v)), v)) < 1e-8
+    with pytest.raises(ValueError, match="recycle"):
+        HypergradientSolver(op, mode="minres", warm_start="recycle")
+    solver.release()

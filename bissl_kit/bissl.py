@@ -75,8 +75,8 @@ class BisslConfig(Config):
     damping: float = param(10.0, "δ: added to λ inside the hypergradient solve only", low=0)
     gamma: float = param(0.01, "γ: weight of the classic downstream term (V1 0.01, V2/V3 1)", low=0)
     # Hypergradient solver
-    solver: str = param("cg", "'layerwise' (official per-tensor recursion) or 'cg' (true conjugate gradient)",
-                        choices=("layerwise", "cg"))
+    solver: str = param("cg", "'layerwise' (official per-tensor recursion), 'cg' (true conjugate gradient) or "
+                        "'minres' (valid when A = I + H/(λ+δ) is indefinite)", choices=("layerwise", "cg", "minres"))
     cg_iters: int = param(20, "K: solver iterations (the official code runs exactly 5)", low=1)
     cg_rtol: float | None = param(1e-4, "stop CG at this relative residual; None = run all K iterations",
                                   low=0, low_inclusive=False)
@@ -118,6 +118,9 @@ class BisslConfig(Config):
         if self.solver == "layerwise" and self.warm_start != "none":
             raise ConfigError(f"warm_start={self.warm_start!r} needs solver='cg'; the layerwise recursion "
                               "always starts at x = 0")
+        if self.solver == "minres" and self.warm_start == "recycle":
+            raise ConfigError("warm_start='recycle' (deflated CG) needs solver='cg'; with solver='minres' "
+                              "choose 'none' or 'previous'")
         if self.hessian_batch == "lower" and self.hessian_batches > max(self.lower_steps, 1):
             raise ConfigError(f"hessian_batches={self.hessian_batches} exceeds lower_steps={self.lower_steps} "
                               "with hessian_batch='lower'")
@@ -275,6 +278,9 @@ class BisslTrainer:
         self.last_pretext_grad = None  # ∇_θP L_P of the last lower step (alignment diagnostics)
         self._stage_lower_idx: list[torch.Tensor] = []
         self.meta: dict = {}           # what build_trainer needs to rebuild the models (saved with the state)
+        # called as solve_observer(operator, v, solution) after every hypergradient solve; lets a benchmark
+        # or a notebook inspect the linear systems without changing the run
+        self.solve_observer: Callable | None = None
 
     # ---- schedules (spec §1.7): lower warm-up + cosine over T·N_L, upper cosine over T·N_U --------------
     def lower_lr(self, step: int) -> float:
@@ -368,7 +374,7 @@ class BisslTrainer:
         self.upper.train()
         self.head.train()
         op = self.hessian_operator()
-        opts = dict(mode="layerwise" if c.solver == "layerwise" else "global", max_iter=c.cg_iters,
+        opts = dict(mode={"layerwise": "layerwise", "cg": "global", "minres": "minres"}[c.solver], max_iter=c.cg_iters,
                     rtol=c.cg_rtol, warm_start=c.warm_start, nonfinite=c.nonfinite)
         solver = HypergradientSolver(op, **opts)
         theta_p = list(self.lower.backbone.parameters())
@@ -390,6 +396,8 @@ class BisslTrainer:
                     sol = solver.solve(v)
                 except NonFiniteError as e:
                     raise FloatingPointError(f"stage {self.stage + 1}, upper step {k + 1}: {e}") from e
+                if self.solve_observer is not None:
+                    self.solve_observer(op, v, sol)
                 # classic term: the upper model itself
                 classic_loss = F.cross_entropy(self.head(self.upper(x_in)), y)
                 self._check_finite(classic_loss, "upper classic loss", k)

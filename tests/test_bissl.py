@@ -213,6 +213,40 @@ def test_krylov_recycling_needs_fewer_products_than_cold_starts():
     assert iters[warm_start] < iters["none"]
 
 
+def dense_operator(op, like):
+    """The matrix of a tuple-to-tuple operator, column by column (the toy has 82 parameters)."""
+    sizes = [t.numel() for t in like]
+    cols = []
+    for i in range(sum(sizes)):
+        e = torch.zeros(sum(sizes))
+        e[i] = 1.0
+        parts = torch.split(e, sizes)
+        cols.append(torch.cat([t.reshape(-1) for t in op(tuple(p.view_as(t) for p, t in zip(parts, like)))]))
+    return torch.stack(cols, 1)
+
+
+def test_minres_solves_every_stage_system_even_where_A_is_indefinite():
+    lower, upper, head, data = make_problem()
+    # λ + δ = 3.02 makes A = I + H/(λ+δ) indefinite on this toy (eigenvalues −15 … 41), as the official δ
+    # does on the CPU ResNet
+    cfg = cfg_for(1.0, solver="minres", cg_iters=400, cg_rtol=1e-12, warm_start="previous", hvp="reuse",
+                  nonfinite="raise", lam=0.02, damping=3.0, upper_steps=3)
+    trainer = BisslTrainer(cfg, lower, upper, head, data)
+    seen = []
+    trainer.solve_observer = lambda op, v, sol: seen.append(
+        (dense_operator(op, v), torch.cat([t.reshape(-1) for t in v]), torch.cat([t.reshape(-1) for t in sol.x]),
+         sol))
+    list(trainer.run(1))
+    with pytest.raises(ConfigError, match="warm_start='recycle' .deflated CG. needs solver='cg'"):
+        cfg_for(1.0, solver="minres", warm_start="recycle")
+    assert len(seen) == 3
+    assert min(float(torch.linalg.eigvalsh((A + A.T) / 2).min()) for A, *_ in seen) < 0
+    for A, v, x, sol in seen:
+        assert torch.allclose(A, A.T, atol=1e-10)
+        exact = torch.linalg.solve(A, v)
+        assert sol.converged and float((x - exact).norm() / exact.norm()) < 1e-8
+
+
 def test_averaged_hessian_batches_and_batch_choices_run_and_differ():
     finals = {}
     for choice, n in (("fresh", 1), ("fresh", 3), ("lower", 2), ("random", 1)):

@@ -30,3 +30,78 @@ def test_protocol_is_reported_and_k_is_capped():
     assert "k=3" in res.protocol() and "T=0.07" in res.protocol()
     with pytest.raises(ValueError, match="k=0"):
         knn_predict(torch.eye(3), torch.tensor([0, 1, 2]), torch.eye(3), k=0, temperature=1.0, num_classes=3)
+
+
+# ---- linear probe ---------------------------------------------------------------------------------------
+
+def _blobs(n_per_class: int, seed: int, *, noise_dims: int = 0, noise_scale: float = 1.0):
+    """Three classes told apart by the first two dimensions only (centres 3 apart, unit spread);
+    ``noise_dims`` more dimensions of pure noise with standard deviation ``noise_scale``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    x = centres[y] + 0.5 * torch.randn(len(y), 2, generator=g)
+    if noise_dims:
+        x = torch.cat([x, noise_scale * torch.randn(len(y), noise_dims, generator=g)], 1)
+    return x, y
+
+
+def test_probe_matches_the_exact_regularised_logistic_regression():
+    """Full-batch, strongly convex: the SGD probe must land on sklearn's L-BFGS optimum of the same
+    objective (mean CE + wd/2 ‖W‖², bias free), i.e. the written-out gradient is the true one."""
+    from sklearn.linear_model import LogisticRegression
+
+    from bissl_kit.evaluate import _fit_probe
+
+    x, y = _blobs(20, seed=1)
+    wd = 0.05
+    w, b, mean, std = _fit_probe(x, y, 3, epochs=400, lr=0.5, weight_decay=wd, batch_size=len(x), seed=0)
+    xs = ((x.double() - mean) / std).numpy()
+    ref = LogisticRegression(C=1.0 / (wd * len(x)), tol=1e-12, max_iter=10_000).fit(xs, y.numpy())
+    ours = torch.softmax(torch.from_numpy(xs) @ w + b, 1).numpy()
+    assert abs(ours - ref.predict_proba(xs)).max() < 1e-4
+
+
+def test_probe_reads_a_low_variance_direction_that_knn_misses():
+    """The label lives in 2 dimensions of spread ~1; 30 more dimensions of spread 20 are noise. Cosine
+    k-NN is swamped by the noise; the standardised probe learns to ignore it."""
+    from bissl_kit.evaluate import linear_probe
+
+    xt, yt = _blobs(100, seed=2, noise_dims=30, noise_scale=20.0)
+    xe, ye = _blobs(50, seed=3, noise_dims=30, noise_scale=20.0)
+    probe = linear_probe(xt, yt, xe, ye, epochs=50, lr=0.1, weight_decay=1e-3, batch_size=64)
+    knn = knn_accuracy(xt, yt, xe, ye, k=20, temperature=0.07)
+    assert probe.accuracy > 0.9 and probe.train_accuracy > 0.9
+    assert knn.accuracy < 0.6
+
+
+def test_probe_is_deterministic_and_invariant_to_feature_scale():
+    from bissl_kit.evaluate import linear_probe
+
+    xt, yt = _blobs(30, seed=4, noise_dims=5)
+    xe, ye = _blobs(30, seed=5, noise_dims=5)
+    a = linear_probe(xt, yt, xe, ye, epochs=5, batch_size=16, seed=7)
+    assert linear_probe(xt, yt, xe, ye, epochs=5, batch_size=16, seed=7) == a
+    scale = torch.logspace(-3, 3, xt.shape[1])  # per-dimension units must not matter after standardising
+    assert linear_probe(xt * scale, yt, xe * scale, ye, epochs=5, batch_size=16, seed=7).accuracy == a.accuracy
+    # the seed orders the batches, so another seed takes other steps (here: other train probabilities)
+    from bissl_kit.evaluate import _fit_probe
+    w7 = _fit_probe(xt, yt, 3, epochs=2, lr=0.1, weight_decay=0.0, batch_size=16, seed=7)[0]
+    w8 = _fit_probe(xt, yt, 3, epochs=2, lr=0.1, weight_decay=0.0, batch_size=16, seed=8)[0]
+    assert not torch.equal(w7, w8)
+
+
+def test_probe_protocol_and_argument_errors():
+    from bissl_kit.evaluate import linear_probe
+
+    xt, yt = _blobs(10, seed=6)
+    res = linear_probe(xt, yt, xt[:7], yt[:7], epochs=3, lr=0.2, weight_decay=1e-4, batch_size=8)
+    text = res.protocol()
+    for part in ("linear probe", "3 epochs", "batch 8", "lr 0.2", "wd 0.0001", "30 train → 7 eval"):
+        assert part in text, (part, text)
+    with pytest.raises(ValueError, match="epochs=0"):
+        linear_probe(xt, yt, xt, yt, epochs=0)
+    with pytest.raises(ValueError, match="lr=-1"):
+        linear_probe(xt, yt, xt, yt, lr=-1)
+    with pytest.raises(ValueError, match="same D"):
+        linear_probe(xt, yt, xt[:, :1], yt)

@@ -1,0 +1,841 @@
+"""Feature analysis: the backbone's downstream features at every point of the pipeline (notebook 04).
+
+The paper's second claim is qualitative: BiSSL "enhances the alignment of downstream features in the
+backbone prior to fine-tuning" (spec §5; no public code exists for it). This module makes the claim
+inspectable (UMAP pictures) and measurable (numbers beside them):
+
+* **stages**: the same architecture at random initialisation, after pre-training, after BiSSL (the lower
+  backbone θ_P, which is handed on to fine-tuning, and the upper backbone θ_D), and after fine-tuning.
+  Each stage is read from its checkpoint by one loader in :data:`LOADERS`.
+* **numbers** per stage, each with its protocol string: weighted k-NN and linear-probe accuracy (train
+  split → the eval split) and the **silhouette** of the true classes in feature space (cosine distance):
+  for an image, a = mean distance to its own class, b = mean distance to the nearest other class,
+  s = (b − a)/max(a, b); +1 = tight, well-separated classes, 0 = overlapping, < 0 = closer to another class.
+* **pictures**: a 2-D UMAP of the eval-split features per stage. UMAP axes have no units and distances
+  across clusters mean little; only the numbers above are measurements.
+
+How the panels are made comparable (``umap_fit``):
+
+* ``"aligned"`` (default): one UMAP per stage, fitted on that stage's features alone (same
+  hyper-parameters and seed), then rotated/reflected/scaled/shifted (orthogonal Procrustes, which cannot
+  bend the picture) so that the same images land as close as possible to where they are in the
+  reference stage's panel. Each panel is then faithful to its own feature space and the panels share
+  orientation and scale, so the reader can follow a class from panel to panel.
+* ``"pooled"``: one reducer fitted on the features of all stages stacked. Features of different networks
+  are far apart, so the neighbour graph mostly links images *within* a stage and each stage becomes its
+  own island somewhere in the plane: the axes are shared, but positions across stages are not comparable.
+* ``"reference"``: fit on the reference stage, ``transform`` the others: every stage is placed by its
+  nearest neighbours among the *reference's* features, i.e. measured in another network's coordinates,
+  which means nothing for random init or fine-tuned backbones.
+
+The default is "aligned" for these reasons; the other two exist so the difference can be seen.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError, param
+from .evaluate import extract_features, knn_accuracy, linear_probe
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+STAGE_KINDS = ("random", "pretrained", "bissl_lower", "bissl_upper", "finetuned")
+UMAP_FITS = ("aligned", "pooled", "reference")
+COLOURINGS = ("class", "knn", "silhouette")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig(Config):
+    # Which checkpoints. None = "whatever exists" at the usual place under runs_dir (skipped with a note
+    # when missing); a path given here must exist.
+    runs_dir: str = param("../runs", "where missing checkpoint paths are looked for: <runs_dir>/pretrain, "
+                          "<runs_dir>/bissl, <runs_dir>/finetune (each <...>/checkpoint.pt)")
+    pretrain_checkpoint: str | None = param(None, "pre-training checkpoint; None = <runs_dir>/pretrain/checkpoint.pt if it exists")
+    bissl_checkpoint: str | None = param(None, "BiSSL checkpoint (θ_P and θ_D); None = <runs_dir>/bissl/checkpoint.pt if it exists")
+    finetune_checkpoints: tuple[str, ...] | None = param(None, "fine-tuning checkpoints (any number); None = "
+                                                         "<runs_dir>/finetune/checkpoint.pt if it exists")
+    stages: tuple[str, ...] = param(STAGE_KINDS, f"stages to show, in this order; each one of {', '.join(STAGE_KINDS)}")
+    # Data
+    downstream: str | None = param(None, "downstream dataset; None = the BiSSL run's (else a fine-tuning run's, else digits)")
+    labels_per_class: int | None = param(None, "few-label train split for k-NN and probe (with downstream set); None = all", low=1)
+    split: str = param("val", "images pictured and evaluated (the train split is the k-NN/probe's memory); "
+                       "'test' only for final numbers", choices=("val", "test"))
+    max_points: int = param(2000, "images of the eval split pictured (a seeded, class-stratified subset when "
+                            "larger; the numbers use the whole split)", low=10)
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    # UMAP
+    umap_fit: str = param("aligned", "'aligned' (one UMAP per stage, Procrustes-aligned to the reference), "
+                          "'pooled' (one reducer on all stages) or 'reference' (fit on the reference, transform the rest)",
+                          choices=UMAP_FITS)
+    reference_stage: str = param("pretrained", "stage the others are aligned to (falls back to the first stage shown)",
+                                 choices=STAGE_KINDS)
+    n_neighbors: int = param(15, "UMAP n_neighbors: size of the local neighbourhood", low=2)
+    min_dist: float = param(0.1, "UMAP min_dist: how tightly points may pack", low=0, high=1)
+    metric: str = param("cosine", "distance in feature space, for UMAP and the silhouette", choices=("cosine", "euclidean"))
+    # Numbers (the k-NN and probe protocols of notebooks 01, 03 and 05)
+    knn_k: int = param(20, "neighbours of the weighted k-NN", low=1)
+    knn_temperature: float = param(0.07, "temperature of the weighted k-NN vote", low=0, low_inclusive=False)
+    probe_epochs: int = param(100, "linear-probe epochs", low=1)
+    probe_lr: float = param(0.1, "linear-probe SGD learning rate", low=0, low_inclusive=False)
+    probe_weight_decay: float = param(0.0, "linear-probe weight decay", low=0)
+    # Running
+    seed: int = param(0, "seed of UMAP, the probe and the pictured subset", low=0)
+    device: str = param("cpu", "'cpu', 'cuda' or 'cuda:N' for feature extraction")
+
+    def check(self):
+        bad = [s for s in self.stages if s not in STAGE_KINDS]
+        if bad or not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages={self.stages!r}: each must be one of {', '.join(STAGE_KINDS)}, "
+                              "at least one, none twice")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} must be 'cpu', 'cuda' or 'cuda:N'")
+        if self.downstream is not None and self.downstream not in data_mod.DATASETS:
+            raise ConfigError(f"downstream={self.downstream!r} must be None or one of {', '.join(data_mod.DATASETS)}")
+        if self.labels_per_class is not None and self.downstream is None:
+            raise ConfigError("labels_per_class needs downstream to be set too (None takes both from the runs)")
+
+
+# ---- loading the backbone of each stage ----------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One point of the pipeline: a backbone (eval mode), its label and where it came from."""
+    key: str          # unique: "random", "pretrained", "bissl_lower", "bissl_upper", "finetuned_<source>"
+    kind: str         # one of STAGE_KINDS
+    label: str        # for legends and tables
+    backbone: nn.Module
+    pre_cfg: object   # the PretrainConfig that describes the architecture and image size
+    source: str       # provenance, printed beside the numbers
+    task: tuple[str, int | None] | None = None  # (downstream, labels_per_class) the stage was trained on, if any
+
+
+def load_pretrained_backbone(path) -> Stage:
+    from .pretrain import load_pretrained
+    model, pre = load_pretrained(path)
+    steps = load_checkpoint(path)["step"]
+    return Stage("pretrained", "pretrained", "pre-trained", model.backbone.eval(), pre,
+                 f"{path} ({pre.method}, {steps} steps)")
+
+
+def _bissl_source(path, ckpt) -> tuple[str, tuple]:
+    cfg = ckpt["config"]
+    return (f"{path} ({ckpt['step']} stages of N_L {cfg['lower_steps']} / N_U {cfg['upper_steps']}, γ {cfg['gamma']:g})",
+            (cfg["downstream"], cfg.get("labels_per_class")))
+
+
+def load_bissl_lower(path) -> Stage:
+    """θ_P: the lower (pretext) backbone, the one BiSSL hands on to fine-tuning."""
+    from .bissl import load_lower_backbone
+    backbone, pre = load_lower_backbone(path)
+    text, task = _bissl_source(path, load_checkpoint(path, kind="bissl"))
+    return Stage("bissl_lower", "bissl_lower", "BiSSL θ_P (lower)", backbone.eval(), pre, text, task)
+
+
+def load_upper_backbone(path):
+    """θ_D of a BiSSL checkpoint (the upper, downstream backbone; the official code discards it) and the
+    pre-training config that describes its architecture. ``state["upper"]`` is the backbone's own
+    state_dict (no prefix), unlike ``state["lower"]``, which holds the whole pretext model."""
+    from .models import build_backbone
+    from .pretrain import PretrainConfig
+
+    ckpt = load_checkpoint(path, kind="bissl")
+    pre = PretrainConfig.from_dict(ckpt["meta"]["pretrain_config"])
+    backbone = build_backbone(pre.arch, in_channels=ckpt["meta"]["in_channels"], width=pre.width,
+                              small_stem=pre.small_stem)
+    backbone.load_state_dict(ckpt["state"]["upper"])
+    return backbone, pre
+
+
+def load_bissl_upper(path) -> Stage:
+    backbone, pre = load_upper_backbone(path)
+    text, task = _bissl_source(path, load_checkpoint(path, kind="bissl"))
+    return Stage("bissl_upper", "bissl_upper", "BiSSL θ_D (upper)", backbone.eval(), pre, text, task)
+
+
+FINETUNE_SOURCES = {"pretrain": ("baseline", "fine-tuned (baseline)"),
+                    "pretext_matched": ("matched", "fine-tuned (matched baseline)"),
+                    "bissl": ("bissl", "fine-tuned (BiSSL)")}
+
+
+def load_finetuned_backbone(path) -> Stage:
+    """The reported backbone of a fine-tuning run, labelled by the checkpoint it started from."""
+    from .finetune import load_finetuned
+    from .pretrain import PretrainConfig
+
+    backbone, _head, cfg = load_finetuned(path)
+    ckpt = load_checkpoint(path, kind="finetune")
+    kind = (ckpt.get("source") or {}).get("kind", "?")
+    short, label = FINETUNE_SOURCES.get(kind, (kind, f"fine-tuned ({kind})"))
+    pre = PretrainConfig.from_dict(ckpt["pretrain_config"])
+    return Stage(f"finetuned_{short}", "finetuned", label, backbone.eval(), pre,
+                 f"{path} ({cfg.epochs} epochs, lr {cfg.lr:g}, wd {cfg.weight_decay:g}, from a {kind} checkpoint)",
+                 (cfg.downstream, cfg.labels_per_class))
+
+
+def random_init_backbone(pre_cfg, in_channels: int) -> Stage:
+    """The backbone at step 0 of the pre-training run (same seed, same initialisation): the control."""
+    from .pretrain import build_model
+    backbone = build_model(pre_cfg, in_channels).backbone
+    return Stage("random", "random", "random init", backbone.eval(), pre_cfg,
+                 f"initialisation of seed {pre_cfg.seed} (step 0 of pre-training)")
+
+
+# One loader per checkpoint-backed stage kind: a new stage is one line here (and one in STAGE_KINDS).
+LOADERS: dict[str, Callable[[str], Stage]] = {
+    "pretrained": load_pretrained_backbone,
+    "bissl_lower": load_bissl_lower,
+    "bissl_upper": load_bissl_upper,
+    "finetuned": load_finetuned_backbone,
+}
+
+
+def _checkpoint_paths(cfg: FeaturesConfig) -> dict[str, list[tuple[str, bool]]]:
+    """Per stage kind, the checkpoint paths to read and whether each was named explicitly."""
+    runs = Path(cfg.runs_dir)
+
+    def one(explicit, default):
+        return [(explicit, True)] if explicit is not None else [(str(default), False)]
+
+    fts = ([(p, True) for p in cfg.finetune_checkpoints] if cfg.finetune_checkpoints is not None
+           else [(str(runs / "finetune" / "checkpoint.pt"), False)])
+    bissl = one(cfg.bissl_checkpoint, runs / "bissl" / "checkpoint.pt")
+    return {"pretrained": one(cfg.pretrain_checkpoint, runs / "pretrain" / "checkpoint.pt"),
+            "bissl_lower": bissl, "bissl_upper": bissl, "finetuned": fts}
+
+
+def _same_architecture(a, b) -> bool:
+    keys = ("arch", "width", "small_stem", "image_size", "paper_augment")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def collect_stages(cfg: FeaturesConfig, *, log=print) -> tuple[list[Stage], list[str]]:
+    """The stages of ``cfg.stages`` that exist, in order, and the notes about those skipped.
+
+    A checkpoint at its default place that is missing is skipped with a note; one named in the config
+    that is missing (or unreadable, or for another architecture or task) is an error. Random init needs
+    the architecture of some other stage (preferably the pre-training run's)."""
+    paths = _checkpoint_paths(cfg)
+    loaded: dict[str, list[Stage]] = {}
+    notes: list[str] = []
+    for kind in cfg.stages:
+        if kind == "random":
+            continue
+        for path, explicit in paths[kind]:
+            if not Path(path).is_file():
+                if explicit:
+                    field_name = {"pretrained": "pretrain_checkpoint", "finetuned": "finetune_checkpoints"}.get(
+                        kind, "bissl_checkpoint")
+                    raise CheckpointError(f"{field_name}: checkpoint {path!r} (stage {kind!r}) does not exist")
+                notes.append(f"skipped {kind!r}: no checkpoint at {path} (run the notebook that makes it, "
+                             "or name the file in the parameters)")
+                continue
+            loaded.setdefault(kind, []).append(LOADERS[kind](path))
+    found = [s for kind in cfg.stages for s in loaded.get(kind, [])]
+    reference = (loaded.get("pretrained") or found or [None])[0]
+    if reference is None:
+        raise CheckpointError("no checkpoint found for any stage of " + ", ".join(cfg.stages) +
+                              f" (looked under runs_dir={cfg.runs_dir!r}); run notebooks 01–03 first or name "
+                              "the checkpoints in the parameters")
+    kept = []
+    for s in found:
+        if not _same_architecture(s.pre_cfg, reference.pre_cfg):
+            msg = (f"stage {s.label!r} ({s.source}) has another architecture or image size than "
+                   f"{reference.label!r}; the panels must show one architecture")
+            if any(explicit for _, explicit in paths[s.kind]):
+                raise CheckpointError(msg)
+            notes.append("skipped: " + msg)
+            continue
+        kept.append(s)
+    stages = []
+    for kind in cfg.stages:
+        if kind == "random":
+            stages.append(random_init_backbone(reference.pre_cfg, reference.backbone.in_channels))
+        stages.extend(s for s in kept if s.kind == kind)
+    # unique keys (several fine-tuned runs from the same source kind)
+    seen: dict[str, int] = {}
+    for s in stages:
+        n = seen.get(s.key, 0)
+        seen[s.key] = n + 1
+        if n:
+            s.key, s.label = f"{s.key}_{n + 1}", f"{s.label} #{n + 1}"
+    for note in notes:
+        log(note)
+    return stages, notes
+
+
+def resolve_task(cfg: FeaturesConfig, stages: list[Stage], *, log=print) -> tuple[str, int | None]:
+    """The downstream task: the config's, else the first BiSSL or fine-tuned stage's, else digits. A
+    stage trained on another task is kept (its features are still measured on this task) with a note."""
+    task = ((cfg.downstream, cfg.labels_per_class) if cfg.downstream is not None
+            else next((s.task for s in stages if s.task is not None), ("digits", None)))
+    for s in stages:
+        if s.task is not None and s.task[0] != task[0]:
+            log(f"note: {s.label!r} was trained on {s.task[0]!r}; its features are measured on {task[0]!r}")
+    return task
+
+
+# ---- data and features -----------------------------------------------------------------------------------
+
+@dataclass
+class TaskData:
+    name: str
+    labels_per_class: int | None
+    split: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+    eval_source_index: np.ndarray  # position of each eval image in the source dataset (provenance)
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def task(self) -> str:
+        return self.name if self.labels_per_class is None else f"{self.name}:{self.labels_per_class}"
+
+    def class_names(self) -> list[str]:
+        if self.name == "fashion_mnist":
+            return list(FASHION_MNIST_CLASSES)
+        return [str(c) for c in range(self.num_classes)]
+
+
+def load_task(name: str, labels_per_class: int | None, split: str, pre_cfg, *, data_root=None) -> TaskData:
+    """Train split (k-NN/probe memory) and eval split at the pre-training image size, with its normalisation."""
+    from .pretrain import pretext_view_specs
+
+    size = pre_cfg.image_size
+    train = data_mod.load_downstream(name, "train", root=data_root, image_size=size,
+                                     labels_per_class=labels_per_class).materialize()
+    ev = data_mod.load_downstream(name, split, root=data_root, image_size=size).materialize()
+    view = pretext_view_specs(pre_cfg, train.images.shape[1])[0]
+    return TaskData(name, labels_per_class, split, train.images, train.labels, ev.images, ev.labels,
+                    np.asarray(ev.indices), train.num_classes, view.mean, view.std)
+
+
+def stage_features(stage: Stage, data: TaskData, *, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(train features, eval features) of a stage's backbone: pooled, eval-mode BatchNorm, no augmentation."""
+    backbone = stage.backbone.to(device)
+    kw = dict(mean=data.mean, std=data.std, device=device)
+    return extract_features(backbone, data.train_images, **kw), extract_features(backbone, data.eval_images, **kw)
+
+
+# ---- separability ------------------------------------------------------------------------------------------
+
+def _distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "cosine":
+        return (1.0 - torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T).clamp_min(0)
+    if metric == "euclidean":
+        return torch.cdist(a, b)
+    raise ValueError(f"metric={metric!r} must be 'cosine' or 'euclidean'")
+
+
+def silhouette_samples(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine",
+                       chunk: int = 2048) -> torch.Tensor:
+    """Per-sample silhouette s = (b − a)/max(a, b) of the true classes, in float64: a = mean distance to
+    the other members of the own class, b = the smallest mean distance to another class. A sample alone
+    in its class gets 0 (the usual convention)."""
+    x = feats.detach().to("cpu", torch.float64)
+    y = labels.detach().to("cpu", torch.long)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"silhouette: features must be N×D with one label each (got {tuple(x.shape)}, {len(y)} labels)")
+    classes, y = torch.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError("silhouette: needs at least two classes")
+    onehot = torch.nn.functional.one_hot(y, len(classes)).double()
+    counts = onehot.sum(0)
+    out = []
+    for i in range(0, len(x), chunk):
+        sums = _distances(x[i:i + chunk], x, metric) @ onehot  # chunk × classes; the own 0 distance adds nothing
+        own = y[i:i + chunk]
+        rows = torch.arange(len(own))
+        own_count = counts[own] - 1
+        a = sums[rows, own] / own_count.clamp_min(1)
+        means = sums / counts
+        means[rows, own] = math.inf
+        b = means.min(1).values
+        s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+        out.append(torch.where(own_count > 0, s, torch.zeros_like(s)))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class SeparabilityResult:
+    silhouette: float
+    metric: str
+    n: int
+    num_classes: int
+
+    def protocol(self) -> str:
+        return (f"silhouette of the true classes in feature space ({self.metric} distance), "
+                f"{self.n} samples, {self.num_classes} classes; +1 separated, 0 overlapping")
+
+
+def separability(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine") -> SeparabilityResult:
+    """Mean silhouette of the true classes in feature space (not in the UMAP plane)."""
+    s = silhouette_samples(feats, labels, metric=metric)
+    return SeparabilityResult(s.mean().item(), metric, len(s), int(torch.unique(labels).numel()))
+
+
+# ---- UMAP and alignment ---------------------------------------------------------------------------------------
+
+def procrustes_align(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``x`` rotated or reflected (the orthogonal Procrustes solution R), rescaled to the spread of
+    ``ref`` and shifted onto its centre, so that the same rows of both lie as close as possible. Only
+    a similarity transform: the picture is never bent. The scale is *not* the least-squares one, which
+    shrinks a panel towards its centre the less it resembles the reference; here every panel keeps the
+    reference's root-mean-square spread."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    xc, rc = x - x.mean(0), ref - ref.mean(0)
+    u, _, vt = np.linalg.svd(xc.T @ rc)
+    scale = math.sqrt((rc ** 2).sum() / max((xc ** 2).sum(), 1e-300))
+    return scale * xc @ (u @ vt) + ref.mean(0)
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``n`` samples, the same share of every class, drawn with ``seed``."""
+    y = labels.numpy()
+    if len(y) <= n:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(rng.permutation(idx)[:max(1, round(n * len(idx) / len(y)))])
+    return np.sort(np.concatenate(keep))
+
+
+def _reducer(cfg: FeaturesConfig, n: int):
+    import umap  # ~10 s of numba compilation on the first fit of a process
+
+    return umap.UMAP(n_neighbors=min(cfg.n_neighbors, n - 1), min_dist=cfg.min_dist, metric=cfg.metric,
+                     random_state=cfg.seed, n_components=2, n_jobs=1)  # seeded UMAP is single-threaded anyway
+
+
+def umap_embeddings(feats: dict[str, np.ndarray], cfg: FeaturesConfig, reference: str) -> dict[str, np.ndarray]:
+    """A 2-D embedding per stage (same images, same order), made comparable as ``cfg.umap_fit`` says
+    (module docstring). Deterministic for a given ``cfg.seed`` (``random_state`` runs UMAP single-threaded)."""
+    keys = list(feats)
+    n = len(next(iter(feats.values())))
+    if cfg.umap_fit == "pooled":
+        pooled = _reducer(cfg, n * len(keys)).fit_transform(np.concatenate([feats[k] for k in keys]))
+        return {k: pooled[i * n:(i + 1) * n] for i, k in enumerate(keys)}
+    if cfg.umap_fit == "reference":
+        reducer = _reducer(cfg, n).fit(feats[reference])
+        return {k: (reducer.embedding_ if k == reference else reducer.transform(feats[k])) for k in keys}
+    out = {k: _reducer(cfg, n).fit_transform(feats[k]) for k in keys}
+    return {k: (v if k == reference else procrustes_align(v, out[reference])) for k, v in out.items()}
+
+
+# ---- the analysis ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StageResult:
+    key: str
+    label: str
+    source: str
+    knn: float
+    probe: float
+    silhouette: float
+    knn_correct: np.ndarray      # per eval image
+    knn_pred: np.ndarray         # per eval image
+    silhouette_per_image: np.ndarray
+    features: np.ndarray | None = None   # (pictured images) × feat_dim
+    embedding: np.ndarray | None = None  # (pictured images) × 2
+
+
+@dataclass
+class FeatureAnalysis:
+    cfg: FeaturesConfig
+    data: TaskData
+    stages: list[StageResult]
+    protocols: dict[str, str]     # "knn", "probe", "silhouette", "umap"
+    pictured: np.ndarray          # indices into the eval split of the pictured images
+    reference: str
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, key: str) -> StageResult:
+        return next(s for s in self.stages if s.key == key)
+
+    def rows(self) -> list[dict]:
+        return [{"stage": s.label, "k-NN": s.knn, "linear probe": s.probe, "silhouette": s.silhouette,
+                 "checkpoint": s.source} for s in self.stages]
+
+    def protocol_text(self) -> str:
+        d = self.data
+        return "\n".join([f"task: {d.task}, train → {d.split} ({len(d.train_labels)} → {len(d.eval_labels)} images)",
+                          f"k-NN: {self.protocols['knn']}", f"probe: {self.protocols['probe']}",
+                          f"separability: {self.protocols['silhouette']}", f"pictures: {self.protocols['umap']}"])
+
+
+def analyse(cfg: FeaturesConfig, *, log=print) -> FeatureAnalysis:
+    """Load every stage that exists, extract features, compute the numbers (:func:`measure`) and the
+    UMAP pictures (:func:`embed`)."""
+    return embed(measure(cfg, log=log))
+
+
+def measure(cfg: FeaturesConfig, *, log=print) -> FeatureAnalysis:
+    """Every stage's features and numbers; the pictured images' features are kept for :func:`embed`."""
+    from .evaluate import knn_predict
+
+    t0 = time.perf_counter()
+    stages, notes = collect_stages(cfg, log=log)
+    name, lpc = resolve_task(cfg, stages, log=log)
+    data = load_task(name, lpc, cfg.split, stages[0].pre_cfg, data_root=cfg.data_root)
+    seconds = {"load": time.perf_counter() - t0}
+    device = torch.device(cfg.device)
+
+    t0 = time.perf_counter()
+    results, protocols = [], {}
+    pictured = stratified_subset(data.eval_labels, cfg.max_points, cfg.seed)
+    for st in stages:
+        train_f, eval_f = stage_features(st, data, device=device)
+        scores = knn_predict(train_f, data.train_labels, eval_f, k=cfg.knn_k, temperature=cfg.knn_temperature,
+                             num_classes=data.num_classes)
+        pred = scores.argmax(1)
+        knn = knn_accuracy(train_f, data.train_labels, eval_f, data.eval_labels, k=cfg.knn_k,
+                           temperature=cfg.knn_temperature, num_classes=data.num_classes)
+        probe = linear_probe(train_f, data.train_labels, eval_f, data.eval_labels, epochs=cfg.probe_epochs,
+                             lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay, seed=cfg.seed,
+                             num_classes=data.num_classes)
+        sil = silhouette_samples(eval_f, data.eval_labels, metric=cfg.metric)
+        sep = SeparabilityResult(sil.mean().item(), cfg.metric, len(sil), int(torch.unique(data.eval_labels).numel()))
+        protocols.update(knn=knn.protocol(), probe=probe.protocol(), silhouette=sep.protocol())
+        results.append(StageResult(st.key, st.label, st.source, knn.accuracy, probe.accuracy, sep.silhouette,
+                                   (pred == data.eval_labels).numpy(), pred.numpy(), sil.numpy(),
+                                   features=eval_f[pictured].numpy()))
+    seconds["features and numbers"] = time.perf_counter() - t0
+    reference = next((s.key for s in stages if s.kind == cfg.reference_stage), stages[0].key)
+    return FeatureAnalysis(cfg, data, results, protocols, pictured, reference, notes, seconds)
+
+
+def embed(analysis: FeatureAnalysis) -> FeatureAnalysis:
+    """Fill in each stage's 2-D UMAP embedding of the pictured images (and the pictures' protocol)."""
+    cfg = analysis.cfg
+    t0 = time.perf_counter()
+    emb = umap_embeddings({r.key: r.features for r in analysis.stages}, cfg, analysis.reference)
+    for r in analysis.stages:
+        r.embedding = emb[r.key]
+    analysis.seconds["umap"] = time.perf_counter() - t0
+    ref_label = analysis.stage(analysis.reference).label
+    how = {"aligned": f"one UMAP per stage, Procrustes-aligned to {ref_label!r}",
+           "pooled": "one UMAP fitted on all stages' features stacked (positions not comparable across stages)",
+           "reference": f"UMAP fitted on {ref_label!r}, the other stages transformed into it"}[cfg.umap_fit]
+    analysis.protocols["umap"] = (f"{how}; n_neighbors={cfg.n_neighbors}, min_dist={cfg.min_dist:g}, "
+                                  f"metric={cfg.metric}, seed={cfg.seed}; {len(analysis.pictured)} "
+                                  f"{analysis.data.split} images")
+    return analysis
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+
+
+def class_colour(c: int) -> str:
+    if c < len(PALETTE):
+        return PALETTE[c]
+    import colorsys
+    r, g, b = colorsys.hsv_to_rgb((c * 0.618034) % 1.0, 0.65, 0.85)
+    return f"rgb({int(r * 255)},{int(g * 255)},{int(b * 255)})"
+
+
+def _axis_range(values: np.ndarray, pad: float = 0.05) -> list[float]:
+    lo, hi = float(values.min()), float(values.max())
+    span = max(hi - lo, 1e-9)
+    return [lo - pad * span, hi + pad * span]
+
+
+def _hover(analysis: FeatureAnalysis, stage: StageResult) -> tuple[np.ndarray, str]:
+    d = analysis.data
+    idx = analysis.pictured
+    names = d.class_names()
+    custom = np.stack([idx, d.eval_source_index[idx], [names[c] for c in d.eval_labels[idx].numpy()],
+                       [names[c] for c in stage.knn_pred[idx]], np.round(stage.silhouette_per_image[idx], 3)],
+                      axis=1)
+    template = (f"{d.split} image #%{{customdata[0]}} ({d.name} #%{{customdata[1]}})<br>class %{{customdata[2]}}, "
+                "k-NN says %{customdata[3]}<br>silhouette %{customdata[4]}<extra></extra>")
+    return custom, template
+
+
+def _numbers_line(s: StageResult) -> str:
+    return f"k-NN {s.knn:.1%} · probe {s.probe:.1%} · silhouette {s.silhouette:+.3f}"
+
+
+def umap_panels(analysis: FeatureAnalysis, *, cols: int = 3, width: int = 1050) -> "go.Figure":
+    """One UMAP panel per stage, coloured by class, on shared axis ranges; the stage's numbers above it."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    stages = analysis.stages
+    cols = min(cols, len(stages))
+    rows = -(-len(stages) // cols)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.03, vertical_spacing=0.12 / max(rows - 1, 1) + 0.06,
+                        subplot_titles=[f"<b>{s.label}</b><br><span style='font-size:11px'>{_numbers_line(s)}</span>"
+                                        for s in stages])
+    d = analysis.data
+    y = d.eval_labels[analysis.pictured].numpy()
+    names = d.class_names()
+    allxy = np.concatenate([s.embedding for s in stages])
+    xr, yr = _axis_range(allxy[:, 0]), _axis_range(allxy[:, 1])
+    shared = analysis.cfg.umap_fit != "pooled"
+    for i, s in enumerate(stages):
+        row, col = i // cols + 1, i % cols + 1
+        custom, template = _hover(analysis, s)
+        for c in np.unique(y):
+            m = y == c
+            fig.add_trace(go.Scattergl(x=s.embedding[m, 0], y=s.embedding[m, 1], mode="markers", name=names[c],
+                                       legendgroup=names[c], showlegend=(i == 0), customdata=custom[m],
+                                       hovertemplate=template,
+                                       marker=dict(size=4, color=class_colour(int(c)), opacity=0.8)), row, col)
+        axis_x = dict(showticklabels=False, ticks="", showgrid=False, zeroline=False, mirror=True, showline=True,
+                      linecolor="#ccc")
+        if shared:
+            axis_x["range"] = xr
+        fig.update_xaxes(axis_x, row=row, col=col)
+        n = i + 1
+        fig.update_yaxes(dict(axis_x, scaleanchor=f"x{n if n > 1 else ''}", scaleratio=1,
+                              **({"range": yr} if shared else {})), row=row, col=col)
+    fig.update_annotations(font_size=13)
+    title = (f"Downstream features of the backbone across the pipeline — {d.task}, {d.split} split"
+             f"<br><sup>UMAP axes have no units; {analysis.protocols['umap']}</sup>")
+    fig.update_layout(title=dict(text=title, x=0.01, font_size=15), width=width, height=60 + 330 * rows + 40,
+                      margin=dict(l=20, r=20, t=100, b=20), legend=dict(title="class", itemsizing="constant"),
+                      plot_bgcolor="white")
+    return fig
+
+
+def metrics_figure(analysis: FeatureAnalysis, *, width: int = 1050) -> "go.Figure":
+    """k-NN and linear-probe accuracy (left) and silhouette (right) per stage, protocols underneath."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    labels = [s.label.replace(" (", "<br>(") for s in analysis.stages]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.09,
+                        subplot_titles=("top-1 accuracy on the frozen features", "class separability (silhouette)"))
+    for name, attr, colour in (("k-NN", "knn", "#1f77b4"), ("linear probe", "probe", "#ff7f0e")):
+        vals = [getattr(s, attr) for s in analysis.stages]
+        fig.add_trace(go.Bar(x=labels, y=vals, name=name, marker_color=colour, text=[f"{v:.1%}" for v in vals],
+                             textposition="outside", cliponaxis=False), 1, 1)
+    sil = [s.silhouette for s in analysis.stages]
+    fig.add_trace(go.Bar(x=labels, y=sil, name="silhouette", marker_color="#2ca02c", showlegend=False,
+                         text=[f"{v:+.3f}" for v in sil], textposition="outside", cliponaxis=False), 1, 2)
+    fig.update_yaxes(title_text="top-1", tickformat=".0%", range=[0, 1.19], tickvals=[0, .2, .4, .6, .8, 1], row=1, col=1)
+    lo = min(0.0, min(sil)) * 1.25
+    hi = max(0.05, max(sil)) * 1.25
+    fig.update_yaxes(title_text="mean silhouette", range=[lo, hi], zeroline=True, zerolinecolor="#999", row=1, col=2)
+    fig.update_xaxes(tickangle=0)
+    p = analysis.protocols
+    d = analysis.data
+    foot = "<br>".join([f"{d.task}: {d.split} split, {len(d.train_labels)} train → {len(d.eval_labels)} eval images",
+                        f"k-NN: {p['knn'].split(', ' + str(len(d.train_labels)))[0]}",
+                        f"probe: {p['probe'].split('), ')[0]})",
+                        f"silhouette: {analysis.cfg.metric} distance in feature space, true classes"])
+    fig.add_annotation(text=f"<span style='font-size:11px;color:#555'>{foot}</span>", xref="paper", yref="paper",
+                       x=0, y=0, yshift=-60, showarrow=False, align="left", xanchor="left", yanchor="top")
+    fig.update_layout(title=dict(text="Frozen-feature numbers per stage", x=0.01), width=width, height=540,
+                      barmode="group", margin=dict(l=60, r=20, t=100, b=150), plot_bgcolor="white",
+                      legend=dict(orientation="h", x=0.005, y=0.995, xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.8)"))
+    fig.update_yaxes(gridcolor="#eee")
+    return fig
+
+
+CAPTION_PX = 16  # caption band under each thumbnail, in montage pixels
+
+
+def _thumbnail_grid(images: torch.Tensor, cols: int, scale: int, caption_px: int = CAPTION_PX) -> np.ndarray:
+    """uint8 N×C×H×W → one uint8 montage (rows × cols tiles, RGB): each image upscaled by ``scale``
+    (nearest), a 1-pixel white border and a white caption band of ``caption_px`` under it."""
+    n, c, h, w = images.shape
+    rows = -(-n // cols)
+    tile_h, tile_w = h * scale + 2 + caption_px, w * scale + 2
+    out = np.full((rows * tile_h, cols * tile_w, 3), 255, dtype=np.uint8)
+    imgs = images.numpy()
+    if c == 1:
+        imgs = np.repeat(imgs, 3, axis=1)
+    imgs = imgs.repeat(scale, axis=2).repeat(scale, axis=3).transpose(0, 2, 3, 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        out[r * tile_h + 1:r * tile_h + 1 + h * scale, q * tile_w + 1:q * tile_w + 1 + w * scale] = imgs[i]
+    return out
+
+
+def thumbnails_figure(analysis: FeatureAnalysis, indices, *, title: str, captions=None, cols: int = 12,
+                      max_images: int = 48) -> "go.Figure":
+    """The eval-split images at ``indices`` (at most ``max_images``) as a grid of thumbnails ~64 px
+    wide, with a caption under each; one montage PNG inside the figure (small HTML)."""
+    import plotly.graph_objects as go
+    from PIL import Image
+
+    indices = [int(i) for i in indices][:max_images]
+    if not indices:
+        fig = go.Figure()
+        fig.update_layout(title=dict(text=title + " — none", x=0.01), width=700, height=120,
+                          xaxis_visible=False, yaxis_visible=False, plot_bgcolor="white")
+        return fig
+    images = analysis.data.eval_images[indices]
+    h, w = images.shape[-2:]
+    scale = max(1, 64 // w)
+    cols = min(cols, len(indices))
+    grid = _thumbnail_grid(images, cols, scale)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    fig = go.Figure(go.Image(source=uri, hoverinfo="skip"))
+    tile_h, tile_w = h * scale + 2 + CAPTION_PX, w * scale + 2
+    captions = captions or [f"#{i}" for i in indices]
+    for k, text in enumerate(captions[:len(indices)]):
+        r, q = divmod(k, cols)
+        fig.add_annotation(x=q * tile_w + tile_w / 2, y=(r + 1) * tile_h - CAPTION_PX / 2, text=text,
+                           showarrow=False, font=dict(size=10), yanchor="middle")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    grid_w, grid_h = grid.shape[1], grid.shape[0]
+    fig.update_layout(title=dict(text=title, x=0.01, font_size=14), width=max(grid_w + 40, 700),
+                      height=grid_h + 80, margin=dict(l=20, r=20, t=60, b=10), plot_bgcolor="white")
+    return fig
+
+
+def changed_predictions(analysis: FeatureAnalysis, before: str, after: str) -> tuple[list[int], list[int]]:
+    """Eval images the k-NN gets wrong at ``before`` and right at ``after`` (fixed), and the reverse (broken)."""
+    a, b = analysis.stage(before).knn_correct, analysis.stage(after).knn_correct
+    return np.flatnonzero(~a & b).tolist(), np.flatnonzero(a & ~b).tolist()
+
+
+def _png_data_uri(image: torch.Tensor, scale: int) -> str:
+    from PIL import Image
+    arr = image.numpy()
+    arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class StageExplorer:
+    """One UMAP panel in JupyterLab with a stage switch and a colouring switch; the plot is a
+    ``FigureWidget`` updated in place. Box- or lasso-select points to see their images below it.
+
+    The stage switch is a ``ToggleButtons`` with description "Stage" and the DOM class
+    ``bissl-stage-switch`` (the colouring switch: "Colour by", ``bissl-colour-switch``; the thumbnails:
+    ``bissl-thumbnails``), so a browser test can find them.
+    """
+
+    STAGE_CLASS, COLOUR_CLASS, THUMBS_CLASS = "bissl-stage-switch", "bissl-colour-switch", "bissl-thumbnails"
+
+    def __init__(self, analysis: FeatureAnalysis, *, stage: str | None = None, colouring: str = "class",
+                 width: int = 760, height: int = 560):
+        import ipywidgets as widgets
+        import plotly.graph_objects as go
+
+        if colouring not in COLOURINGS:
+            raise ValueError(f"colouring={colouring!r} must be one of {', '.join(COLOURINGS)}")
+        self.analysis = analysis
+        self.stage_key = stage or analysis.reference
+        self.colouring = colouring
+        d = analysis.data
+        self._y = d.eval_labels[analysis.pictured].numpy()
+        self._classes = [int(c) for c in np.unique(self._y)]
+        names = d.class_names()
+        allxy = np.concatenate([s.embedding for s in analysis.stages])
+        fig = go.Figure()
+        # traces 0..C-1: one per class; C, C+1: k-NN right / wrong; C+2: silhouette (continuous)
+        for c in self._classes:
+            fig.add_trace(go.Scattergl(mode="markers", name=names[c], legendgroup="class",
+                                       marker=dict(size=6, color=class_colour(c), opacity=0.85)))
+        fig.add_trace(go.Scattergl(mode="markers", name="k-NN right", marker=dict(size=6, color="#bbbbbb", opacity=0.7)))
+        fig.add_trace(go.Scattergl(mode="markers", name="k-NN wrong", marker=dict(size=7, color="#d62728", symbol="x")))
+        fig.add_trace(go.Scattergl(mode="markers", name="silhouette", showlegend=False,
+                                   marker=dict(size=6, colorscale="RdBu", cmin=-1, cmax=1,
+                                               colorbar=dict(title="silhouette", thickness=12))))
+        shared = analysis.cfg.umap_fit != "pooled"
+        axis = dict(showticklabels=False, ticks="", showgrid=False, zeroline=False, mirror=True, showline=True,
+                    linecolor="#ccc", title_text=None)
+        fig.update_layout(width=width, height=height, plot_bgcolor="white", dragmode="lasso",
+                          margin=dict(l=20, r=20, t=80, b=20), legend=dict(itemsizing="constant"),
+                          xaxis=dict(axis, **({"range": _axis_range(allxy[:, 0])} if shared else {})),
+                          yaxis=dict(axis, scaleanchor="x", **({"range": _axis_range(allxy[:, 1])} if shared else {})))
+        self.figure = go.FigureWidget(fig)
+        self.stage_switch = widgets.ToggleButtons(
+            options=[(s.label, s.key) for s in analysis.stages], value=self.stage_key, description="Stage",
+            tooltips=[s.source for s in analysis.stages], style={"button_width": "auto"})
+        self.stage_switch.add_class(self.STAGE_CLASS)
+        self.colour_switch = widgets.ToggleButtons(
+            options=[("class", "class"), ("k-NN right/wrong", "knn"), ("silhouette", "silhouette")],
+            value=colouring, description="Colour by", style={"button_width": "auto"})
+        self.colour_switch.add_class(self.COLOUR_CLASS)
+        self.thumbnails = widgets.HTML("<i>Select points (lasso or box) to see their images here.</i>")
+        self.thumbnails.add_class(self.THUMBS_CLASS)
+        self.stage_switch.observe(lambda ch: self.show(stage=ch["new"]), names="value")
+        self.colour_switch.observe(lambda ch: self.show(colouring=ch["new"]), names="value")
+        for trace in self.figure.data:
+            trace.on_selection(self._on_selection)
+        self.widget = widgets.VBox([self.stage_switch, self.colour_switch, self.figure, self.thumbnails])
+        self.show()
+
+    def show(self, *, stage: str | None = None, colouring: str | None = None) -> None:
+        """Redraw in place: the stage's embedding and hover text, the chosen colouring, the title."""
+        self.stage_key = stage or self.stage_key
+        self.colouring = colouring or self.colouring
+        s = self.analysis.stage(self.stage_key)
+        custom, template = _hover(self.analysis, s)
+        xy = s.embedding
+        ncls = len(self._classes)
+        correct = s.knn_correct[self.analysis.pictured]
+        groups = [self._y == c for c in self._classes] + [correct, ~correct, np.ones(len(xy), bool)]
+        visible = ([self.colouring == "class"] * ncls + [self.colouring == "knn"] * 2 + [self.colouring == "silhouette"])
+        with self.figure.batch_update():
+            for i, (trace, m) in enumerate(zip(self.figure.data, groups)):
+                trace.x, trace.y = xy[m, 0], xy[m, 1]
+                trace.customdata, trace.hovertemplate = custom[m], template
+                trace.visible = visible[i]
+                trace.selectedpoints = None
+            self.figure.data[-1].marker.color = s.silhouette_per_image[self.analysis.pictured]
+            self.figure.layout.title.text = (f"<b>{s.label}</b> — {_numbers_line(s)}"
+                                             f"<br><sup>{self.analysis.data.task}, {self.analysis.data.split} split; "
+                                             "UMAP axes have no units</sup>")
+        self.thumbnails.value = "<i>Select points (lasso or box) to see their images here.</i>"
+
+    def _on_selection(self, trace, points, selector) -> None:
+        if not points.point_inds:
+            return
+        idx = [int(trace.customdata[i][0]) for i in points.point_inds][:60]
+        self.select(idx)
+
+    def select(self, indices) -> None:
+        """Show the images of these eval-split indices under the plot (also callable from code)."""
+        d = self.analysis.data
+        s = self.analysis.stage(self.stage_key)
+        names = d.class_names()
+        scale = max(1, 48 // d.eval_images.shape[-1])
+        tiles = "".join(
+            f"<figure style='display:inline-block;margin:2px;text-align:center;font-size:10px'>"
+            f"<img src='{_png_data_uri(d.eval_images[i], scale)}' style='image-rendering:pixelated'>"
+            f"<figcaption>#{i} {names[int(d.eval_labels[i])]}"
+            f"{'' if s.knn_correct[i] else ' → ' + names[int(s.knn_pred[i])]}</figcaption></figure>"
+            for i in indices)
+        self.thumbnails.value = (f"<b>{len(indices)} selected image(s)</b> (class; → the k-NN's wrong answer at "
+                                 f"this stage)<br>{tiles}")
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
 from .implicit import HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers
@@ -109,6 +110,8 @@ class BisslConfig(Config):
     # Running
     seed: int = param(0, "seed of head init, batch order and augmentations", low=0)
     device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (bissl_kit.distributed.SyncBatchNorm, "
+                          "exact against one process) instead of per-rank shards (official); no effect in one process")
     out_dir: str = param("../runs/bissl", "run directory: checkpoint, metrics, config")
     progress: bool = param(True, "show a tqdm progress bar")
 
@@ -258,7 +261,9 @@ class BisslTrainer:
         self.cfg, self.lower, self.upper, self.head, self.data = cfg, lower, upper_backbone, head, data
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.log = MetricsLog(self.out_dir) if self.out_dir is not None else None
+        # under torchrun only rank 0 logs and writes checkpoints (every rank resumes from them)
+        self.log = MetricsLog(self.out_dir) if self.out_dir is not None and distributed.is_main() else None
+        self._distributed_setup()
         self.names = [n for n, _ in lower.backbone.named_parameters()]
         if self.names != [n for n, _ in upper_backbone.named_parameters()]:
             raise ValueError("upper_backbone must have the same architecture (parameter names) as lower.backbone")
@@ -281,6 +286,41 @@ class BisslTrainer:
         # called as solve_observer(operator, v, solution) after every hypergradient solve; lets a benchmark
         # or a notebook inspect the linear systems without changing the run
         self.solve_observer: Callable | None = None
+
+    def _distributed_setup(self) -> None:
+        """Under torchrun: equal shards of every global batch, SyncBatchNorm if asked, identical
+        replicas. The gradients are averaged by hand (distributed.all_reduce_mean_ / reduce_mean)
+        rather than by DistributedDataParallel, because DDP's hooks fire only in ``backward()`` of
+        its own forward: they miss ``torch.autograd.grad`` (v, the upper gradients) and the double
+        backward of every Hessian-vector product, which is how the official V1/V2 code ended up with
+        unsynchronised upper gradients (spec C6)."""
+        c = self.cfg
+        if not distributed.is_distributed():
+            return
+        for size, what in ((c.lower_batch_size, "lower_batch_size"), (c.upper_batch_size, "upper_batch_size")):
+            try:
+                distributed.check_divisible(size, what)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if c.sync_bn:
+            for m in (self.lower, self.upper, self.head):
+                distributed.convert_sync_batchnorm(m)
+        distributed.broadcast_module(self.lower, self.upper, self.head)
+
+    def _views(self, idx: torch.Tensor, tag: tuple):
+        """This rank's shard of the two views of the global pretext batch ``idx`` (the whole batch
+        in one process)."""
+        v1, v2 = self.data.pretext_views(idx, tag)
+        return distributed.shard(v1), distributed.shard(v2)
+
+    def _downstream(self, idx: torch.Tensor, tag: tuple):
+        x, y = self.data.downstream_batch(idx, tag)
+        return distributed.shard(x), distributed.shard(y)
+
+    def _sync_buffers(self) -> None:
+        """Per-shard BatchNorm running statistics averaged across ranks (replicas stay identical)."""
+        if not self.cfg.sync_bn:
+            distributed.average_buffers(self.lower, self.upper, self.head)
 
     # ---- schedules (spec §1.7): lower warm-up + cosine over T·N_L, upper cosine over T·N_U --------------
     def lower_lr(self, step: int) -> float:
@@ -306,14 +346,16 @@ class BisslTrainer:
             it.epoch, it.pos = epoch, 0
             losses = []
             for b in range(it.per_epoch):
-                x, y = self.data.downstream_batch(it.next(), ("head", epoch, b))
+                x, y = self._downstream(it.next(), ("head", epoch, b))
                 with torch.no_grad():
                     feats = self.upper(x)
                 loss = F.cross_entropy(self.head(feats), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.all_reduce_mean_(list(self.head.parameters()))
                 opt.step()
-                losses.append(loss.item())
+                losses.append(distributed.mean_value(loss.detach()).item())
+            self._sync_buffers()
             rec = {"kind": "head_warmup", "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
             if (epoch + 1) % max(c.head_warmup_epochs // 5, 1) == 0 or epoch + 1 == c.head_warmup_epochs:
                 rec.update(self.evaluate())
@@ -329,13 +371,15 @@ class BisslTrainer:
             set_lr(self.lower_opt, lr)
             idx = self.lower_it.next()
             self._stage_lower_idx.append(idx)
-            v1, v2 = self.data.pretext_views(idx, ("lower", self.lower_step))
+            v1, v2 = self._views(idx, ("lower", self.lower_step))
             self.lower.update_target()  # BYOL: EMA at the start of each forward (spec §1.6); SimCLR: no-op
             pretext = self.lower.loss(v1, v2)
             reg = 0.5 * c.lam * sum(((p - d) ** 2).sum() for p, d in zip(self.lower.backbone.parameters(), theta_d))
-            self._check_finite(pretext, "lower pretext loss", k)
+            pretext_value = distributed.mean_value(pretext.detach())  # the global batch's loss
+            self._check_finite(pretext_value, "lower pretext loss", k)
             self.lower_opt.zero_grad(set_to_none=True)
             (pretext + reg).backward()
+            distributed.all_reduce_mean_(list(self.lower.parameters()))  # reg is the same on every rank
             # the pretext part of the gradient, for the alignment diagnostics: ∇L_P = ∇(L_P + reg) − λ(θ_P − θ_D)
             self.last_pretext_grad = [p.grad.detach() - c.lam * (p.detach() - d)
                                       for p, d in zip(self.lower.backbone.parameters(), theta_d)]
@@ -344,7 +388,7 @@ class BisslTrainer:
             self.lower_opt.step()
             self.lower_step += 1
             yield {"kind": "lower", "stage": self.stage + 1, "step": k + 1, "lower_step": self.lower_step,
-                   "pretext_loss": pretext.item(), "reg_loss": reg.item(), "lr": lr}
+                   "pretext_loss": pretext_value.item(), "reg_loss": reg.item(), "lr": lr}
 
     def hessian_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The stage's Hessian batch(es), as pretext view pairs (spec §1.6, C1)."""
@@ -357,14 +401,16 @@ class BisslTrainer:
             g = generator(c.seed, "hessian-random", self.stage)
             idx = [torch.randperm(self.data.n_pretext, generator=g)[:c.lower_batch_size]
                    for _ in range(c.hessian_batches)]
-        return [self.data.pretext_views(i, ("hessian", self.stage, j)) for j, i in enumerate(idx)]
+        return [self._views(i, ("hessian", self.stage, j)) for j, i in enumerate(idx)]
 
     def hessian_operator(self) -> Callable:
         """A(d) = d + H̄d/(λ+δ), H̄ averaged over the Hessian batches."""
         c = self.cfg
         params = dict(self.lower.backbone.named_parameters())
-        ops = [HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp, lam=c.lam,
-                               damping=c.damping, bn_stats=c.bn_stats, module=self.lower)
+        # under torchrun each product is the mean over ranks of the per-rank products: the global H d
+        ops = [distributed.reduced(HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp,
+                                                   lam=c.lam, damping=c.damping, bn_stats=c.bn_stats,
+                                                   module=self.lower))
                for batch in self.hessian_batches()]
         return ops[0] if len(ops) == 1 else AveragedOperator(ops)
 
@@ -385,12 +431,13 @@ class BisslTrainer:
                 lr = self.upper_lr(self.upper_step)
                 for group in self.upper_opt.param_groups:
                     group["lr"] = lr
-                x_in, y = self.data.downstream_batch(self.upper_it.next(), ("upper", self.upper_step))
+                x_in, y = self._downstream(self.upper_it.next(), ("upper", self.upper_step))
                 # implicit term: the upper head on the lower backbone
                 with isolated_bn_buffers(self.lower.backbone, keep_updates=c.bn_stats == "update"):
                     implicit_loss = F.cross_entropy(self.head(self.lower.backbone(x_in)), y)
-                self._check_finite(implicit_loss, "upper implicit loss", k)
-                grads = torch.autograd.grad(implicit_loss, theta_p + phi_d)
+                implicit_value = distributed.mean_value(implicit_loss.detach())
+                self._check_finite(implicit_value, "upper implicit loss", k)
+                grads = distributed.reduce_mean(torch.autograd.grad(implicit_loss, theta_p + phi_d))
                 v, g_head_implicit = grads[:len(theta_p)], grads[len(theta_p):]
                 try:
                     sol = solver.solve(v)
@@ -400,8 +447,9 @@ class BisslTrainer:
                     self.solve_observer(op, v, sol)
                 # classic term: the upper model itself
                 classic_loss = F.cross_entropy(self.head(self.upper(x_in)), y)
-                self._check_finite(classic_loss, "upper classic loss", k)
-                g_classic = torch.autograd.grad(classic_loss, theta_d + phi_d)
+                classic_value = distributed.mean_value(classic_loss.detach())
+                self._check_finite(classic_value, "upper classic loss", k)
+                g_classic = distributed.reduce_mean(torch.autograd.grad(classic_loss, theta_d + phi_d))
                 g_theta = [xi + c.gamma * gi for xi, gi in zip(sol.x, g_classic[:len(theta_d)])]
                 g_phi = [hi + c.gamma * gi for hi, gi in zip(g_head_implicit, g_classic[len(theta_d):])]
                 for p, g in zip(theta_d + phi_d, g_theta + g_phi):
@@ -411,7 +459,7 @@ class BisslTrainer:
                 self.upper_opt.step()
                 self.upper_step += 1
                 yield {"kind": "upper", "stage": self.stage + 1, "step": k + 1, "upper_step": self.upper_step,
-                       "implicit_loss": implicit_loss.item(), "classic_loss": classic_loss.item(), "lr": lr,
+                       "implicit_loss": implicit_value.item(), "classic_loss": classic_value.item(), "lr": lr,
                        "cg_residuals": [float(sol.initial_residual_norm)] + [float(r) for r in sol.residual_norms],
                        "v_norm": _flat_norm(v), "cg_iterations": sol.iterations,
                        "cg_converged": bool(sol.converged), "cg_seconds": sol.seconds,
@@ -445,6 +493,12 @@ class BisslTrainer:
         if self.data.val is None:
             return {}
         x, y = self.data.val
+        n = len(x)
+        if distributed.is_distributed():  # each rank its disjoint part (≥ 1 sample); counts summed (spec C12)
+            if n < distributed.world_size():
+                raise ValueError(f"the val split has {n} samples, fewer than the {distributed.world_size()} ranks")
+            part = distributed.eval_slice(n)
+            x, y = x[part], y[part]
         self.upper.eval()
         self.head.eval()
         try:
@@ -452,8 +506,13 @@ class BisslTrainer:
         finally:
             self.upper.train()
             self.head.train()
-        acc = accuracy_topk(logits, y)
-        return {"val_top1": acc[1], "val_top5": acc[5], "val_loss": F.cross_entropy(logits, y).item()}
+        if not distributed.is_distributed():
+            acc = accuracy_topk(logits, y)
+            return {"val_top1": acc[1], "val_top5": acc[5], "val_loss": F.cross_entropy(logits, y).item()}
+        hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).sum() for k in (1, 5)]
+        sums = torch.stack(hits + [F.cross_entropy(logits, y, reduction="sum")]).double()
+        top1, top5, loss = (distributed.sum_tensor(sums) / n).tolist()
+        return {"val_top1": top1, "val_top5": top5, "val_loss": loss}
 
     def _check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
         if not torch.isfinite(value):
@@ -480,7 +539,8 @@ class BisslTrainer:
             self._log(rec)
             self.save()
             yield rec
-        bar = progress_bar(c.progress, total=target, initial=self.stage, desc="BiSSL stages", unit="stage")
+        bar = progress_bar(c.progress and distributed.is_main(), total=target, initial=self.stage,
+                           desc="BiSSL stages", unit="stage")
         while self.stage < target:
             t0 = time.perf_counter()
             self.lower_it.begin_stage(self.stage, c.lower_steps)
@@ -495,6 +555,7 @@ class BisslTrainer:
                 upper_recs.append(rec)
                 yield rec
             self.stage += 1
+            self._sync_buffers()
             rec = {"kind": "stage", "stage": self.stage, "seconds": time.perf_counter() - t0,
                    **self.evaluate(), "distance": self.distance(),
                    "pretext_loss": _mean(r["pretext_loss"] for r in lower_recs),
@@ -536,7 +597,7 @@ class BisslTrainer:
         return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
 
     def save(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not distributed.is_main():
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(self.cfg.to_json())
@@ -558,7 +619,8 @@ class BisslTrainer:
                                   f"({'; '.join(conflicts)}). Choose another out_dir, or delete "
                                   f"{str(path)!r} to start afresh.")
         self.load_state(ckpt["state"])
-        self.log.keep(lambda r: r.get("stage", 0) <= self.stage)  # drop a killed stage's records
+        if self.log is not None:
+            self.log.keep(lambda r: r.get("stage", 0) <= self.stage)  # drop a killed stage's records
         return True
 
     def _log(self, rec: dict) -> None:
@@ -634,6 +696,7 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
     from .models import linear_head
     from .pretrain import load_pretrained
 
+    distributed.init()  # under torchrun: join the process group (and pick this rank's GPU); else no-op
     device = resolve_device(cfg.device)
     lower, pre_cfg = load_pretrained(cfg.pretrain_checkpoint)
     if hasattr(lower, "reset_target"):

@@ -1,0 +1,358 @@
+"""Two processes (gloo, float64) against one process with the global batch (issue 7, spec §1.8, C6, C7, C12).
+
+One module-scoped run starts 2 ranks with ``torch.multiprocessing`` on a free port (killed after
+``TIMEOUT_S``); each rank runs every check in ``CHECKS`` and saves what it found; the tests compare
+that with the same computation in this (single) process. The models are test_bissl's tiny BN-free
+SimCLR toy and a BatchNorm variant of it.
+"""
+import os
+import socket
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from bissl_kit import distributed
+from bissl_kit.bissl import FAST_MODE, BisslTrainer
+from bissl_kit.implicit import HessianOperator, cg_solve
+from bissl_kit.losses import nt_xent
+from test_bissl import D_IN, FEAT, cfg_for, flat, make_problem
+
+WORLD = 2
+TIMEOUT_S = 150
+LOWER_B, UPPER_B = 4, 6  # global batches (2 + 2 pairs, 3 + 3 images per rank)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def rel(a, b) -> float:
+    a, b = torch.cat([t.reshape(-1) for t in a]), torch.cat([t.reshape(-1) for t in b])
+    return float((a - b).norm() / b.norm())
+
+
+# ---- what each rank computes -------------------------------------------------------------------------
+
+def ntxent_inputs():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    torch.manual_seed(1)
+    return x1, x2, nn.Linear(5, 4)
+
+
+def check_ntxent(out):
+    """Per rank: its shard through a replicated projector, NT-Xent over the gathered batch."""
+    x1, x2, proj = ntxent_inputs()
+    loss = nt_xent(proj(distributed.shard(x1)), proj(distributed.shard(x2)), 0.5)
+    grads = distributed.reduce_mean(torch.autograd.grad(loss, list(proj.parameters())))
+    return {"loss": distributed.mean_value(loss.detach()), "grads": grads}
+
+
+class _OfficialGather(torch.autograd.Function):
+    """The official scheme as spec §1.8 describes it (written from that description): forward
+    all-gathers; backward stacks the gradients, runs an in-place all-reduce autograd does not
+    record, and keeps this rank's slice. First order it is exact; its double backward is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def official_simclr_loss(lower, v1, v2):
+    """Every rank: the full global NT-Xent over [all z1; all z2], built by the official gather."""
+    z1, z2 = lower.head(lower.backbone(torch.cat([v1, v2]))).chunk(2)
+    parts = _OfficialGather.apply(torch.cat([z1, z2]))
+    n = z1.shape[0]
+    return nt_xent(torch.cat([p[:n] for p in parts]), torch.cat([p[n:] for p in parts]), 0.5, gather=False)
+
+
+def hessian_problem():
+    lower, upper, head, data = make_problem()
+    idx = torch.arange(8)
+    batch = data.pretext_views(idx, ("hessian", 0, 0))
+    xd, yd = data.downstream_batch(torch.arange(6), ("upper", 0))
+    g = torch.Generator().manual_seed(5)
+    d = tuple(torch.randn(p.shape, generator=g) for p in lower.backbone.parameters())
+    return lower, head, batch, (xd, yd), d
+
+
+def check_hypergradient(out):
+    lower, head, batch, (xd, yd), d = hessian_problem()
+    params = list(lower.backbone.parameters())
+    shard = tuple(distributed.shard(b) for b in batch)
+    res = {}
+    for mode in ("recompute", "reuse"):
+        op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode=mode, lam=1e-3,
+                                                 damping=1.0))
+        res[f"hvp_{mode}"] = op.hvp(d)
+    v_local = torch.autograd.grad(F.cross_entropy(head(lower.backbone(distributed.shard(xd))),
+                                                  distributed.shard(yd)), params)
+    res["v"] = v = distributed.reduce_mean(v_local)
+    res["v_local"] = v_local
+    # δ = 10 keeps A = I + H/(λ+δ) positive definite on this toy, so CG converges to x = A⁻¹v
+    op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse", lam=1e-3,
+                                             damping=10.0))
+    res["x"] = cg_solve(op, v, max_iter=60, mode="global", rtol=1e-13).x
+    # the official schemes: first-order gradient and the Hessian-vector product
+    off = HessianOperator(lambda b: official_simclr_loss(lower, *b), params, shard, mode="recompute", lam=1e-3,
+                          damping=1.0)
+    res["official_grad_mean"] = distributed.reduce_mean(
+        torch.autograd.grad(official_simclr_loss(lower, *shard), params))
+    res["official_hvp_local"] = off.hvp(d)                               # V1/V2: rank-local
+    res["official_hvp_mean"] = distributed.reduce_mean(res["official_hvp_local"])  # V3: averaged
+    return res
+
+
+def stage_configs():
+    """name → (config, tolerance on the parameters after two stages)."""
+    fast = {**FAST_MODE, "cg_rtol": 1e-12, "damping": 10.0}
+    return {"paper": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B), 1e-10),
+            "fast-previous": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B,
+                                      **{**fast, "warm_start": "previous"}), 1e-10),
+            # deflated CG solves with a pseudo-inverse cut at √ε (bissl_kit.implicit.KrylovMemory): which
+            # Krylov directions survive the cut depends on rounding, so the two sides agree to ~1e-9
+            "fast": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B, **fast), 1e-8)}
+
+
+def check_stages(out):
+    """Two stages per mode, the second one after every rank resumed from rank 0's checkpoint."""
+    res = {}
+    for name, (cfg, _) in stage_configs().items():
+        run_dir = out / f"stage-{name}"
+        lower, upper, head, data = make_problem()
+        trainer = BisslTrainer(cfg, lower, upper, head, data, out_dir=run_dir)
+        recs = list(trainer.run(1))
+        distributed.barrier()  # rank 0 has written the checkpoint
+        lower2, upper2, head2, data2 = make_problem()
+        with torch.no_grad():  # scrambled: everything must come from the checkpoint
+            for m in (lower2, upper2, head2):
+                for p in m.parameters():
+                    p.normal_()
+        resumed = BisslTrainer(cfg, lower2, upper2, head2, data2, out_dir=run_dir)
+        res[f"{name}_resumed"] = resumed.resume()
+        recs += list(resumed.run(1))
+        res[f"{name}_params"] = flat(lower2, upper2, head2)
+        res[f"{name}_stages"] = [r for r in recs if r["kind"] == "stage"]
+        res[f"{name}_upper"] = [(r["implicit_loss"], r["classic_loss"]) for r in recs if r["kind"] == "upper"]
+        res[f"{name}_logs"] = trainer.log is not None
+        data2.val = (data2.val[0][:17], data2.val[1][:17])  # an odd count: uneven shards, none padded
+        res[f"{name}_eval17"] = resumed.evaluate()
+    return res
+
+
+class BNBackbone(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(D_IN, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, FEAT), nn.Tanh())
+        self.feat_dim = FEAT
+
+
+def bn_problem():
+    lower, upper, head, data = make_problem()
+    torch.manual_seed(3)
+    lower.backbone = BNBackbone()
+    upper = BNBackbone()
+    upper.load_state_dict(lower.backbone.state_dict())
+    return lower, upper, head, data
+
+
+def check_batchnorm(out):
+    res = {}
+    for sync in (True, False):
+        lower, upper, head, data = bn_problem()
+        list(BisslTrainer(cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B, sync_bn=sync),
+                          lower, upper, head, data).run(1))
+        res[f"sync{sync}"] = torch.cat([flat(lower, upper, head)] + [b.reshape(-1).double() for m in (lower, upper)
+                                                                     for b in m.buffers()])
+    return res
+
+
+CHECKS = {"ntxent": check_ntxent, "hypergradient": check_hypergradient, "stages": check_stages,
+          "batchnorm": check_batchnorm}
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    # the official gather's backward runs an all-reduce autograd does not record, and torch says so
+    warnings.filterwarnings("ignore", message="c10d::allreduce_")
+    out = Path(out)
+    res = {}
+    try:
+        distributed.init("gloo", timeout_s=TIMEOUT_S)
+        res["world"] = distributed.world_size()
+        for name, check in CHECKS.items():
+            res[name] = check(out)
+    except BaseException:
+        res["error"] = traceback.format_exc()
+    torch.save(res, out / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    errors = [r["error"] for r in res if "error" in r]
+    assert not errors, errors[0]
+    assert [r["world"] for r in res] == [WORLD] * WORLD
+    return res, out
+
+
+# ---- the tests ----------------------------------------------------------------------------------------
+
+def test_nt_xent_and_its_gradient_on_two_ranks_are_the_full_batch_ones(ranks):
+    res, _ = ranks
+    x1, x2, proj = ntxent_inputs()
+    loss = nt_xent(proj(x1), proj(x2), 0.5)
+    grads = torch.autograd.grad(loss, list(proj.parameters()))
+    for r in res:
+        assert abs(float(r["ntxent"]["loss"] - loss.detach())) < 1e-14
+        assert rel(r["ntxent"]["grads"], grads) < 1e-13
+
+
+def test_hypergradient_on_two_ranks_is_the_full_batch_one(ranks):
+    res, _ = ranks
+    lower, head, batch, (xd, yd), d = hessian_problem()
+    params = list(lower.backbone.parameters())
+    op = HessianOperator(lambda b: lower.loss(*b), params, batch, mode="reuse", lam=1e-3, damping=1.0)
+    hd = op.hvp(d)
+    v = torch.autograd.grad(F.cross_entropy(head(lower.backbone(xd)), yd), params)
+    op10 = HessianOperator(lambda b: lower.loss(*b), params, batch, mode="reuse", lam=1e-3, damping=10.0)
+    x = cg_solve(op10, v, max_iter=60, mode="global", rtol=1e-13).x
+    for r in res:
+        h = r["hypergradient"]
+        assert rel(h["hvp_recompute"], hd) < 1e-12 and rel(h["hvp_reuse"], hd) < 1e-12
+        assert rel(h["v"], v) < 1e-13
+        assert max(float((a - b).abs().max()) for a, b in zip(h["x"], x)) < 1e-10
+        # every rank holds the same bits: CG's dot products, and so x, are identical across ranks
+        assert all(torch.equal(a, b) for a, b in zip(h["x"], res[0]["hypergradient"]["x"]))
+
+
+def test_the_official_schemes_are_caught(ranks):
+    """What the official code computes on 2 ranks (spec §1.8): the first-order gradient through its
+    gather is exact, but its Hessian-vector product is not (the backward's all-reduce is not
+    recorded, so the double backward loses the cross-rank terms), averaged (V3) or rank-local
+    (V1/V2); and rank-local upper gradients (V1/V2, C6) differ from the global one."""
+    res, _ = ranks
+    lower, head, batch, (xd, yd), d = hessian_problem()
+    params = list(lower.backbone.parameters())
+    full_loss = lower.loss(*batch)
+    grad = torch.autograd.grad(full_loss, params)
+    hd = HessianOperator(lambda b: lower.loss(*b), params, batch, mode="reuse").hvp(d)
+    v = torch.autograd.grad(F.cross_entropy(head(lower.backbone(xd)), yd), params)
+    errors = {}
+    for rank, r in enumerate(res):
+        h = r["hypergradient"]
+        assert rel(h["official_grad_mean"], grad) < 1e-12  # first order: fine
+        errors[f"hvp V1/V2 rank {rank}"] = rel(h["official_hvp_local"], hd)
+        errors["hvp V3 (rank mean)"] = rel(h["official_hvp_mean"], hd)
+        errors[f"v rank-local {rank}"] = rel(h["v_local"], v)
+        errors[f"hvp ours {rank}"] = rel(h["hvp_reuse"], hd)
+    print("relative errors against the single-process full batch:",
+          {k: f"{e:.2e}" for k, e in errors.items()})
+    assert errors["hvp V3 (rank mean)"] > 0.05 and min(errors[f"hvp V1/V2 rank {i}"] for i in range(WORLD)) > 0.05
+    assert min(errors[f"v rank-local {i}"] for i in range(WORLD)) > 0.05
+    assert max(errors[f"hvp ours {i}"] for i in range(WORLD)) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["paper", "fast-previous", "fast"])
+def test_two_bissl_stages_on_two_ranks_with_a_resume_equal_one_process(ranks, name):
+    res, out = ranks
+    cfg, tol = stage_configs()[name]
+    lower, upper, head, data = make_problem()
+    trainer = BisslTrainer(cfg, lower, upper, head, data)
+    recs = list(trainer.run(2))
+    params = flat(lower, upper, head)
+    assert (params - flat(*make_problem()[:3])).abs().max() > 1e-3  # the stages moved the parameters
+    stages = [r for r in recs if r["kind"] == "stage"]
+    upper_losses = [(r["implicit_loss"], r["classic_loss"]) for r in recs if r["kind"] == "upper"]
+    data.val = (data.val[0][:17], data.val[1][:17])
+    eval17 = trainer.evaluate()
+    for rank, r in enumerate(res):
+        s = r["stages"]
+        assert s[f"{name}_resumed"]
+        assert float((s[f"{name}_params"] - params).abs().max()) < tol
+        assert s[f"{name}_logs"] == (rank == 0)  # rank 0 alone logs and checkpoints
+        n_val = 18  # N_DOWN: the val split of the toy
+        for a, b in zip(s[f"{name}_stages"], stages):
+            # the same number of correct predictions (one process counts in float32, hence round)
+            for key in ("val_top1", "val_top5"):
+                assert round(a[key] * n_val) == round(b[key] * n_val)
+            assert a["pretext_loss"] == pytest.approx(b["pretext_loss"], abs=1e-12)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-10)
+        assert torch.allclose(torch.tensor(s[f"{name}_upper"]), torch.tensor(upper_losses), atol=1e-10, rtol=0)
+        assert s[f"{name}_eval17"]["val_loss"] == pytest.approx(eval17["val_loss"], abs=1e-10)
+        assert [round(s[f"{name}_eval17"][k] * 17) for k in ("val_top1", "val_top5")] == \
+            [round(eval17[k] * 17) for k in ("val_top1", "val_top5")]
+    logged = (out / f"stage-{name}" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "stage"' in ln for ln in logged) == 2  # once per stage, not once per rank
+
+
+def test_batchnorm_is_exact_with_sync_bn_and_per_shard_without(ranks):
+    """Documented behaviour: sync_bn=True normalises with the global batch (equal to one process);
+    sync_bn=False normalises each rank's shard, as the official BiSSL (spec §1.8), so the stage
+    differs from one process, while the replicas stay identical (buffers averaged each stage)."""
+    res, _ = ranks
+    ref = {}
+    for sync in (True, False):
+        lower, upper, head, data = bn_problem()
+        list(BisslTrainer(cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B, sync_bn=sync),
+                          lower, upper, head, data).run(1))
+        ref[sync] = torch.cat([flat(lower, upper, head)] + [b.reshape(-1).double() for m in (lower, upper)
+                                                            for b in m.buffers()])
+    assert torch.equal(ref[True], ref[False])  # one process: sync_bn changes nothing
+    for r in res:
+        assert float((r["batchnorm"]["syncTrue"] - ref[True]).abs().max()) < 1e-10
+        assert float((r["batchnorm"]["syncFalse"] - ref[False]).abs().max()) > 1e-4
+    assert torch.equal(res[0]["batchnorm"]["syncFalse"], res[1]["batchnorm"]["syncFalse"])
+
+
+def test_without_a_launcher_everything_is_the_identity():
+    x = torch.randn(6, 3)
+    assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.init() is False
+    assert distributed.shard(x) is x and distributed.gather_cat(x) is x and distributed.all_reduce_sum(x) is x
+    assert distributed.mean_value(x) is x and distributed.eval_slice(7) == slice(0, 7)
+    ts = (x, x + 1)
+    assert all(a is b for a, b in zip(distributed.reduce_mean(ts), ts))
+    op = object()
+    assert distributed.reduced(op) is op

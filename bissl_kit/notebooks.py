@@ -33,15 +33,20 @@ NOTEBOOKS = REPO / "notebooks"
 EXECUTED = NOTEBOOKS / "executed"
 
 # The series, in order. QUICK holds the parameters the tests use for each (seconds, not minutes).
-SERIES = ("01_pretrain", "02_bilevel", "04_features_umap")
+SERIES = ("01_pretrain", "02_bilevel", "03_finetune", "04_features_umap", "05_results")
 QUICK: dict[str, dict[str, Any]] = {
     "01_pretrain": {"steps": 6, "batch_size": 32, "warmup_steps": 2, "knn_every": 3, "width": 4,
                     "out_dir": "../runs/quick/pretrain", "figures_dir": "../runs/quick/figures"},
     "02_bilevel": {"stages": 2, "lower_steps": 2, "upper_steps": 2, "lower_batch_size": 16, "upper_batch_size": 16,
                    "head_warmup_epochs": 1, "cg_iters": 3, "pretrain_checkpoint": "../runs/quick/pretrain/checkpoint.pt",
                    "out_dir": "../runs/quick/bissl", "figures_dir": "../runs/quick/figures"},
+    "03_finetune": {"backbone_checkpoint": "../runs/quick/bissl/checkpoint.pt", "epochs": 2, "batch_size": 64,
+                    "out_dir": "../runs/quick/finetune", "figures_dir": "../runs/quick/figures"},
     "04_features_umap": {"runs_dir": "../runs/quick", "probe_epochs": 10, "max_points": 300,
                          "figures_dir": "../runs/quick/figures"},
+    "05_results": {"pretrain_checkpoint": "../runs/quick/pretrain/checkpoint.pt", "bissl_runs": ["../runs/quick/bissl"],
+                   "trials": 2, "seeds": 2, "epochs": 1, "batch_size": 64, "probe_epochs": 5,
+                   "out_dir": "../runs/quick/compare", "figures_dir": "../runs/quick/figures"},
 }
 
 

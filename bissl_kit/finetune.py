@@ -1,0 +1,514 @@
+"""Stage 3: fine-tuning a backbone with a fresh linear head, and its evaluation (spec §2.1 stage 4, §2.6).
+
+The backbone comes from one of three checkpoints, told apart by their kind:
+
+* ``pretrain``: the conventional pipeline's pre-trained backbone (notebook 01);
+* ``bissl``: BiSSL's **lower** backbone θ_P (notebook 02); the upper model (θ_D, φ_D) is discarded, as in
+  the official code;
+* ``pretext_matched``: the pre-trained backbone after as many extra pretext steps as BiSSL's lower level
+  took (the compute-matched baseline, :func:`bissl_kit.compare.continue_pretext`).
+
+Protocol (the official one of spec §2.6, with the changes named):
+
+* a new random ``Linear`` head (seeded by ``seed``); SGD with momentum and coupled weight decay on **all**
+  parameters; cosine decay from ``lr`` to 0.001·lr over epochs × batches-per-epoch steps, no warm-up
+  (the official scheduler class, so the first step runs at the full lr); batches of ``batch_size``
+  with the partial last batch kept (as the official DataLoader); crop + flip augmentation of
+  :func:`~bissl_kit.augment.downstream_train_spec`, normalised like the pre-training views.
+* val top-1/top-5 every ``eval_every`` epochs and always after the last one, eval-mode BatchNorm.
+* **the reported model** is the last epoch's (``select="last"``) or the best-val epoch's
+  (``select="best_val"``). Its numbers on the **test** split are computed **once**, at the end, and only
+  when ``test=True``: hyper-parameter trials run with ``test=False``, and the test split is then never
+  loaded. The official code reports the maximum over epochs of val accuracy and never touches test
+  (spec C19); we record that maximum as ``best_val_top1`` for reference only.
+* no second forward pass per step just to log the loss (the official code doubles its forward cost
+  and BatchNorm updates that way, spec §2.6).
+
+Every random draw (head initialisation, batch order, augmentations) comes from (seed, purpose, epoch,
+batch), so a seed reproduces a run on CPU and a resumed run equals an uninterrupted one. The run
+directory holds ``checkpoint.pt`` (atomic; kind ``"finetune"``), ``metrics.jsonl`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_mod
+from .augment import augment, downstream_train_spec, normalize
+from .bissl import accuracy_topk
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, param
+from .models import build_backbone, linear_head
+from .optim import set_lr, warmup_cosine
+from .rng import generator, resolve_device
+from .runlog import MetricsLog, config_conflicts, progress_bar
+
+CHECKPOINT_KIND = "finetune"
+SOURCE_KINDS = ("pretrain", "bissl", "pretext_matched")  # checkpoints a backbone can come from
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Config):
+    # Inputs
+    backbone_checkpoint: str = param("runs/bissl/checkpoint.pt",
+                                     "checkpoint whose backbone is fine-tuned: a pre-training run, a BiSSL run "
+                                     "(its lower backbone θ_P) or a compute-matched pretext continuation")
+    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)",
+                            choices=tuple(data_mod.DATASETS))
+    labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
+    labels_seed: int = param(0, "which images a few-label train split keeps (BiSSL's upper level uses 0)", low=0)
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    # Optimisation (spec §2.6: SGD, momentum 0.9, cosine to 0.001× without warm-up, batch 256, 400 epochs)
+    epochs: int = param(20, "fine-tuning epochs (the paper: 400)", low=1)
+    batch_size: int = param(256, "images per SGD step", low=2)
+    lr: float = param(0.05, "base learning rate of SGD (V2's default 0.05; chosen by search in notebook 05)",
+                      low=0, low_inclusive=False)
+    weight_decay: float = param(5e-4, "coupled weight decay of SGD, on all parameters (V2's default 5e-4)", low=0)
+    momentum: float = param(0.9, "SGD momentum", low=0, high=1, high_inclusive=False)
+    # Evaluation
+    eval_every: int = param(1, "val top-1/top-5 every this many epochs (and always after the last); 0 = only at the end",
+                            low=0)
+    select: str = param("last", "the reported model: the last epoch's, or the epoch with the best val top-1",
+                        choices=("last", "best_val"))
+    test: bool = param(True, "evaluate the reported model once on the test split at the end; False (search "
+                             "trials) never loads the test split")
+    # Running
+    seed: int = param(0, "seed of the head initialisation, batch order and augmentations", low=0)
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    out_dir: str = param("runs/finetune", "run directory: checkpoint, metrics, config")
+    checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1)
+    progress: bool = param(True, "show a tqdm progress bar")
+
+    def check(self):
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+# fields that do not change the numbers of a run: a run may resume with other values of these.
+# ``test`` only adds the final test evaluation, so a finished search trial can become a seed run.
+# ``backbone_checkpoint`` is compared as a resolved path instead (notebooks and the CLI spell it differently).
+RESUMABLE_FIELDS = frozenset({"progress", "device", "out_dir", "data_root", "checkpoint_every", "test",
+                              "backbone_checkpoint"})
+
+
+# ---- the backbone to fine-tune ----------------------------------------------------------------------
+
+def load_backbone(path: str | Path):
+    """(backbone, pre-training config, source) of a ``pretrain``, ``bissl`` or ``pretext_matched``
+    checkpoint; ``source`` says which kind it was and after how many steps/stages."""
+    from .pretrain import PretrainConfig, build_model
+
+    ckpt = load_checkpoint(path)
+    kind = ckpt.get("kind")
+    if kind == "pretrain":
+        pre = PretrainConfig.from_dict(ckpt["config"])
+        model = build_model(pre, ckpt["in_channels"])
+        model.load_state_dict(ckpt["model"])
+        return model.backbone, pre, {"kind": kind, "path": str(path), "steps": ckpt["step"]}
+    if kind == "bissl":
+        from .bissl import load_lower_backbone
+        backbone, pre = load_lower_backbone(path)
+        cfg = ckpt["config"]
+        return backbone, pre, {"kind": kind, "path": str(path), "stages": ckpt["step"],
+                               "lower_steps": ckpt["step"] * cfg["lower_steps"]}
+    if kind == "pretext_matched":
+        pre = PretrainConfig.from_dict(ckpt["pretrain_config"])
+        model = build_model(pre, ckpt["in_channels"])
+        model.load_state_dict(ckpt["model"])
+        return model.backbone, pre, {"kind": kind, "path": str(path), "extra_steps": ckpt["step"]}
+    raise CheckpointError(f"{str(path)!r} holds a {kind!r} checkpoint; fine-tuning starts from one of "
+                          f"{', '.join(SOURCE_KINDS)}")
+
+
+def load_finetuned(path: str | Path):
+    """(backbone, head, config) of a fine-tuning checkpoint: the *reported* model (``select``), in eval mode."""
+    from .pretrain import PretrainConfig
+
+    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    cfg = FinetuneConfig.from_dict(ckpt["config"])
+    pre = PretrainConfig.from_dict(ckpt["pretrain_config"])
+    backbone = build_backbone(pre.arch, in_channels=ckpt["in_channels"], width=pre.width, small_stem=pre.small_stem)
+    head = linear_head(backbone.feat_dim, ckpt["num_classes"])
+    states = ckpt["reported"] if ckpt.get("reported") is not None else ckpt["model"]
+    backbone.load_state_dict(states["backbone"])
+    head.load_state_dict(states["head"])
+    return backbone.eval(), head.eval(), cfg
+
+
+# ---- the downstream data ------------------------------------------------------------------------------
+
+@dataclass
+class DownstreamData:
+    """Train and val splits in memory, and the test split behind :meth:`test` (loaded on first use only:
+    a search trial never calls it). ``mean``/``std`` are the pre-training views' normalisation."""
+
+    name: str
+    labels_per_class: int | None
+    train: data_mod.Split
+    val: data_mod.Split
+    load_test: Callable[[], data_mod.Split]
+    mean: tuple
+    std: tuple
+    train_spec: object
+    _test: data_mod.Split | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def task(self) -> str:
+        return task_name(self.name, self.labels_per_class)
+
+    def test(self) -> data_mod.Split:
+        if self._test is None:
+            self._test = self.load_test()
+        return self._test
+
+
+def task_name(downstream: str, labels_per_class: int | None) -> str:
+    """'digits', or 'fashion_mnist:50' for 50 labelled train images per class."""
+    return downstream if labels_per_class is None else f"{downstream}:{labels_per_class}"
+
+
+def load_data(downstream: str, pre_cfg, *, labels_per_class=None, labels_seed=0, data_root=None) -> DownstreamData:
+    """The downstream splits at the pre-training image size, with its normalisation and channels."""
+    from .pretrain import pretext_view_specs
+
+    size = pre_cfg.image_size
+    train = data_mod.load_downstream(downstream, "train", root=data_root, image_size=size,
+                                     labels_per_class=labels_per_class, seed=labels_seed).materialize()
+    val = data_mod.load_downstream(downstream, "val", root=data_root, image_size=size).materialize()
+    channels = train.images.shape[1]
+    views = pretext_view_specs(pre_cfg, channels)
+
+    def load_test():
+        return data_mod.load_downstream(downstream, "test", root=data_root, image_size=size).materialize()
+
+    return DownstreamData(downstream, labels_per_class, train, val, load_test, views[0].mean, views[0].std,
+                          downstream_train_spec(size, channels, paper=pre_cfg.paper_augment))
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_split(backbone: nn.Module, head: nn.Module, split, *, mean, std, device="cpu",
+                   batch_size: int = 1024) -> dict:
+    """Top-1, top-5 and cross-entropy of (backbone, head) on a split in memory, eval mode (restored after)."""
+    modes = backbone.training, head.training
+    backbone.eval()
+    head.eval()
+    try:
+        logits = torch.cat([head(backbone(normalize(split.images[i:i + batch_size].to(device), mean, std))).float().cpu()
+                            for i in range(0, len(split), batch_size)])
+    finally:
+        backbone.train(modes[0])
+        head.train(modes[1])
+    acc = accuracy_topk(logits, split.labels)
+    return {"top1": acc[1], "top5": acc[5], "loss": F.cross_entropy(logits, split.labels).item(), "n": len(split)}
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------
+
+class Finetuner:
+    """One fine-tuning run: :meth:`run` yields step and epoch records, then the final record.
+
+    ``data`` may be shared between runs on the same task (the search does); by default it is loaded
+    from the config. A run directory with a checkpoint of the same config resumes; a finished run
+    only adds what is missing (the test evaluation when ``test`` turned True)."""
+
+    def __init__(self, cfg: FinetuneConfig, *, data: DownstreamData | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.out_dir = Path(cfg.out_dir)
+        self.log = MetricsLog(self.out_dir)
+        self.backbone, self.pre_cfg, self.source = load_backbone(cfg.backbone_checkpoint)
+        self.source["resolved"] = str(Path(cfg.backbone_checkpoint).resolve())
+        if data is None:
+            data = load_data(cfg.downstream, self.pre_cfg, labels_per_class=cfg.labels_per_class,
+                             labels_seed=cfg.labels_seed, data_root=cfg.data_root)
+        elif (data.name, data.labels_per_class) != (cfg.downstream, cfg.labels_per_class):
+            raise ConfigError(f"data is {data.task!r} but the config asks for "
+                              f"{task_name(cfg.downstream, cfg.labels_per_class)!r}")
+        self.data = data
+        self.in_channels = data.train.images.shape[1]
+        if self.in_channels != self.backbone.in_channels:
+            raise ConfigError(f"downstream={cfg.downstream!r} has {self.in_channels} channels but the backbone "
+                              f"of {cfg.backbone_checkpoint!r} takes {self.backbone.in_channels}")
+        torch.manual_seed(cfg.seed)  # the head's initialisation is the only draw from the global generator
+        self.head = linear_head(self.backbone.feat_dim, data.num_classes)
+        self.backbone.to(self.device)
+        self.head.to(self.device)
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        n = len(data.train)
+        # the partial last batch is kept (official DataLoader), except a single image: BatchNorm in train
+        # mode cannot normalise one 1×1 feature map
+        self.drop_last = n % cfg.batch_size == 1
+        self.steps_per_epoch = n // cfg.batch_size if self.drop_last else math.ceil(n / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.epoch = 0                 # finished epochs
+        self.history: list[dict] = []  # epoch records
+        self.best: dict | None = None  # {"epoch", "val_top1", "states"} of the best evaluated epoch
+        self.result: dict | None = None
+        self._reported: dict | None = None  # the reported model's states, once the run is finished
+        self._resume()
+
+    def parameters(self):
+        return list(self.backbone.parameters()) + list(self.head.parameters())
+
+    # ---- persistence -----------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def _states(self) -> dict:
+        return {"backbone": copy.deepcopy(self.backbone.state_dict()), "head": copy.deepcopy(self.head.state_dict())}
+
+    def save(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(self.cfg.to_json())
+        done = self.result is not None
+        return save_checkpoint(self.checkpoint_path, {
+            "kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(), "step": self.epoch,
+            "signature": self.backbone.signature(), "pretrain_config": self.pre_cfg.to_dict(),
+            "in_channels": self.in_channels, "num_classes": self.data.num_classes, "source": self.source,
+            "model": {"backbone": self.backbone.state_dict(), "head": self.head.state_dict()},
+            # a finished run keeps only what load_finetuned and a later test evaluation need
+            "optimizer": None if done else self.optimizer.state_dict(),
+            "best": None if done else self.best,
+            "reported": self.reported_states() if done else None,
+            "history": self.history, "result": self.result})
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        ckpt = load_checkpoint(self.checkpoint_path, kind=CHECKPOINT_KIND, signature=self.backbone.signature())
+        conflicts = config_conflicts(ckpt["config"], self.cfg, RESUMABLE_FIELDS)
+        if ckpt["source"]["resolved"] != self.source["resolved"]:
+            conflicts.append(f"backbone_checkpoint: saved {ckpt['source']['resolved']!r}, now {self.source['resolved']!r}")
+        if conflicts:
+            raise CheckpointError(
+                f"{str(self.out_dir)!r} holds a fine-tuning run with another config ({'; '.join(conflicts)}). "
+                f"Choose another out_dir, or delete {str(self.checkpoint_path)!r} to start afresh.")
+        self.backbone.load_state_dict(ckpt["model"]["backbone"])
+        self.head.load_state_dict(ckpt["model"]["head"])
+        if ckpt["optimizer"] is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.epoch, self.history, self.best, self.result = ckpt["step"], ckpt["history"], ckpt["best"], ckpt["result"]
+        self._reported = ckpt.get("reported")
+
+    # ---- training --------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        # the official scheduler class (spec §1.7): no warm-up, cosine to 0.001×, first step at the full lr
+        return warmup_cosine(step, base_lr=self.cfg.lr, warmup=0, total=self.total_steps, official_first_step=True)
+
+    def train_epoch(self, epoch: int) -> Iterator[dict]:
+        cfg = self.cfg
+        self.backbone.train()
+        self.head.train()
+        batches = data_mod.iterate_batches(self.data.train, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                           drop_last=self.drop_last, device=self.device)
+        for b, (images, labels) in enumerate(batches):
+            step = epoch * self.steps_per_epoch + b
+            lr = self.lr_at(step)
+            set_lr(self.optimizer, lr)
+            x = augment(images, self.data.train_spec, generator(cfg.seed, "finetune-augment", epoch, b))
+            loss = F.cross_entropy(self.head(self.backbone(x)), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                         f"(lr {lr:.4g}); the last good checkpoint is {str(self.checkpoint_path)!r}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            yield {"kind": "step", "epoch": epoch + (b + 1) / self.steps_per_epoch, "step": step + 1,
+                   "loss": loss.item(), "lr": lr}
+
+    def evaluate(self, split: str = "val") -> dict:
+        """Top-1/top-5/loss of the current model on ``split`` ('val'; 'test' only for final numbers)."""
+        data = self.data.val if split == "val" else self.data.test()
+        return evaluate_split(self.backbone, self.head, data, mean=self.data.mean, std=self.data.std,
+                              device=self.device)
+
+    def run(self, *, replay: bool = False) -> Iterator[dict]:
+        """Train to ``cfg.epochs`` and finish; yields step, epoch and final records. ``replay=True`` first
+        yields a resumed run's earlier records (to redraw a plot)."""
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        need_final = self.result is None or (cfg.test and "test_top1" not in self.result)
+        if self.epoch == 0:
+            self.log.clear()  # records of a run killed before its first checkpoint
+        else:  # drop records of a killed epoch, and a final record that is about to be redone
+            self.log.keep(lambda r: r.get("epoch", 0) <= self.epoch and not (need_final and r.get("kind") == "final"))
+        if replay:
+            yield from self.log.records()
+        bar = progress_bar(cfg.progress and self.epoch < cfg.epochs, total=cfg.epochs, initial=self.epoch,
+                           desc=f"fine-tune {self.data.task}", unit="epoch")
+        while self.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            losses = []
+            for rec in self.train_epoch(self.epoch):
+                losses.append(rec["loss"])
+                self.log.append(rec)
+                yield rec
+            self.epoch += 1
+            rec = {"kind": "epoch", "epoch": self.epoch, "train_loss": sum(losses) / len(losses),
+                   "seconds": time.perf_counter() - t0}
+            last = self.epoch == cfg.epochs
+            if last or (cfg.eval_every and self.epoch % cfg.eval_every == 0):
+                val = self.evaluate("val")
+                rec.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
+                if self.best is None or val["top1"] > self.best["val_top1"]:
+                    self.best = {"epoch": self.epoch, "val_top1": val["top1"],
+                                 "states": self._states() if cfg.select == "best_val" else None}
+            self.history.append(rec)
+            self.log.append(rec)
+            yield rec
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "val_top1") if k in rec})
+            if not last and self.epoch % cfg.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if need_final:
+            self.result = self._final()
+            self.save()
+            self.log.append(self.result)
+            yield self.result
+
+    def reported_states(self) -> dict:
+        if self._reported is not None:
+            return self._reported
+        if self.cfg.select == "best_val" and self.best is not None and self.best["states"] is not None:
+            return self.best["states"]
+        return {"backbone": self.backbone.state_dict(), "head": self.head.state_dict()}
+
+    def _final(self) -> dict:
+        """The reported model's val numbers, and its test numbers when ``cfg.test`` (the only place the
+        test split is read)."""
+        cfg = self.cfg
+        states = self.reported_states()
+        self._reported = copy.deepcopy(states)
+        self.backbone.load_state_dict(states["backbone"])
+        self.head.load_state_dict(states["head"])
+        evaluated = [r for r in self.history if "val_top1" in r]
+        if self.result is not None:  # a finished run asked for its test numbers now
+            selected = self.result["selected_epoch"]
+        else:
+            selected = self.best["epoch"] if cfg.select == "best_val" else cfg.epochs
+        val = self.evaluate("val")
+        rec = {"kind": "final", "epoch": cfg.epochs, "selected_epoch": selected,
+               "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"], "n_val": val["n"],
+               "best_val_top1": max(r["val_top1"] for r in evaluated), "lr": cfg.lr,
+               "weight_decay": cfg.weight_decay, "seed": cfg.seed, "source": self.source,
+               "protocol": self.protocol("val", val["n"], selected)}
+        if cfg.test:
+            test = self.evaluate("test")
+            rec.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], n_test=test["n"],
+                       test_protocol=self.protocol("test", test["n"], selected))
+        return rec
+
+    def protocol(self, split: str, n: int, selected_epoch: int) -> str:
+        cfg = self.cfg
+        src = {"pretrain": "pre-trained backbone", "bissl": "BiSSL lower backbone θ_P",
+               "pretext_matched": "compute-matched pre-trained backbone"}[self.source["kind"]]
+        chosen = "last epoch" if cfg.select == "last" else f"best-val epoch {selected_epoch}"
+        return (f"{self.data.task} {split} (n={n}) top-1/top-5; {src} fine-tuned {cfg.epochs} epochs with a new "
+                f"linear head (SGD lr {cfg.lr:.3g}, wd {cfg.weight_decay:.3g}, momentum {cfg.momentum:g}, "
+                f"cosine, batch {cfg.batch_size}, {len(self.data.train)} train images); model: {chosen}; "
+                f"seed {cfg.seed}")
+
+
+def finetune(cfg: FinetuneConfig, *, data: DownstreamData | None = None) -> dict:
+    """Run (or resume, or just read back) a fine-tuning run to its end; return its final record."""
+    tuner = Finetuner(cfg, data=data)
+    for _ in tuner.run():
+        pass
+    return tuner.result
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """All records of a fine-tuning run directory's ``metrics.jsonl``."""
+    return MetricsLog(out_dir).records()
+
+
+# ---- frozen-backbone evaluation: k-NN and linear probe ----------------------------------------------------
+
+def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "val", knn_k: int = 20,
+                   knn_temperature: float = 0.07, probe: bool = True, probe_epochs: int = 100,
+                   probe_lr: float = 0.1, probe_weight_decay: float = 0.0, seed: int = 0,
+                   device="cpu") -> dict:
+    """Weighted k-NN and linear-probe accuracy of a frozen backbone: train-split features → ``split``
+    (val for monitoring, test only for final numbers). Each value comes with its protocol string."""
+    from .evaluate import extract_features, knn_accuracy
+
+    target = data.val if split == "val" else data.test()
+    kw = dict(mean=data.mean, std=data.std, device=device)
+    train_f = extract_features(backbone, data.train.images, **kw)
+    eval_f = extract_features(backbone, target.images, **kw)
+    knn = knn_accuracy(train_f, data.train.labels, eval_f, target.labels, k=knn_k, temperature=knn_temperature,
+                       num_classes=data.num_classes)
+    out = {"knn": knn.accuracy, "knn_protocol": f"{data.task} {split}, {knn.protocol()}"}
+    if probe:
+        try:
+            from .evaluate import linear_probe
+        except ImportError:  # added by the features work (issue 6); the k-NN number stands alone until then
+            out["probe"] = None
+            out["probe_protocol"] = "linear probe unavailable (bissl_kit.evaluate.linear_probe not present)"
+            return out
+        res = linear_probe(train_f, data.train.labels, eval_f, target.labels, epochs=probe_epochs, lr=probe_lr,
+                           weight_decay=probe_weight_decay, seed=seed)
+        out["probe"] = res.accuracy
+        out["probe_protocol"] = f"{data.task} {split}, {res.protocol()}"
+    return out
+
+
+# ---- a live figure of one run ------------------------------------------------------------------------------
+
+class FinetuneMonitor:
+    """Train loss and lr per step, val top-1/top-5 per epoch; fed with :class:`Finetuner` records."""
+
+    def __init__(self, *, live: bool, title: str = "Fine-tuning"):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        from .plots import LiveFigure
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("train loss (per step)", "val accuracy (per epoch)"),
+                            specs=[[{"secondary_y": True}, {}]])
+        fig.add_trace(go.Scatter(mode="lines", name="train loss", line=dict(color="#1f77b4")), 1, 1)
+        fig.add_trace(go.Scatter(mode="lines", name="lr", line=dict(color="#aaaaaa", dash="dot")), 1, 1, secondary_y=True)
+        fig.add_trace(go.Scatter(mode="lines+markers", name="val top-1", line=dict(color="#d62728")), 1, 2)
+        fig.add_trace(go.Scatter(mode="lines+markers", name="val top-5", line=dict(color="#ff9896")), 1, 2)
+        fig.update_xaxes(title_text="epoch", row=1, col=1)
+        fig.update_xaxes(title_text="epoch", row=1, col=2)
+        fig.update_yaxes(title_text="cross-entropy", row=1, col=1)
+        fig.update_yaxes(title_text="lr", row=1, col=1, secondary_y=True, showgrid=False)
+        fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
+        fig.update_layout(title=title, height=400, width=950, margin=dict(t=110, b=50),
+                          legend=dict(orientation="h", y=-0.2))
+        self.figure = LiveFigure(fig, live=live)
+        self.title = title
+
+    def update(self, record: dict) -> None:
+        kind = record.get("kind")
+        if kind == "step":
+            self.figure.extend(0, record["epoch"], record["loss"])
+            self.figure.extend(1, record["epoch"], record["lr"])
+        elif kind == "epoch" and "val_top1" in record:
+            self.figure.extend(2, record["epoch"], record["val_top1"])
+            self.figure.extend(3, record["epoch"], record["val_top5"])
+        elif kind == "final":
+            self.figure.fig.layout.title.text = f"{self.title}<br><sup>{record['protocol']}</sup>"
+
+    def finish(self, stem: str, figures_dir="figures") -> dict:
+        return self.figure.finish(stem, figures_dir)

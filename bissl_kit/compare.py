@@ -1,0 +1,565 @@
+"""Stage 4: the baseline-vs-BiSSL comparison (spec §2.1 stages 4–5, §3), with honest statistics.
+
+For every downstream task, the same fine-tuning protocol (:mod:`bissl_kit.finetune`) and the same
+search (:mod:`bissl_kit.hpo`: identical candidate (lr, wd) pairs, budget and seeds) is applied to each
+*arm*, a backbone that all arms derive from **one pretext checkpoint**:
+
+* ``baseline``: the pre-trained backbone itself (the V2/V3 protocol: both pipelines start from the same
+  checkpoint and BiSSL's extra lower steps are not matched, spec §3);
+* ``baseline_matched``: the pre-trained backbone after **as many extra pretext steps as BiSSL's lower
+  level took** (stages × N_L), with the lower level's optimiser, batch size and schedule and without the
+  proximal term — the compute matching of the ICLR version (spec §3). The ICLR code instead ran a
+  separate, longer pre-training (600 vs 500 epochs); continuing the shared checkpoint keeps everything
+  but the bilevel coupling identical. Like BiSSL (and unlike V1's accounting), the upper-level and head
+  warm-up compute is not matched;
+* ``bissl``: BiSSL's lower backbone θ_P from a finished BiSSL run on that task.
+
+Reported per arm and task: the test top-1/top-5 of each seed's final run, their mean with a 95 %
+t-interval (n = number of seeds), the chosen (lr, wd), and the weighted k-NN and linear-probe accuracy of
+the frozen backbone (train → test). Between arms: a two-sided **paired** t-test over seeds (seed s of
+both arms shares the head initialisation, batch order and augmentations) with the 95 % t-interval of the
+mean difference. Results go to ``results_dir`` as ``comparison.json`` (everything, with the command),
+``comparison.csv`` (one row per run) and ``comparison.md`` (the README's table).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, param
+from .finetune import FinetuneConfig, frozen_metrics, load_backbone, load_data, task_name
+from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates, write_json
+from .optim import LARS, set_lr, warmup_cosine
+from .rng import generator, resolve_device
+from .runlog import progress_bar
+
+ARMS = ("baseline", "baseline_matched", "bissl")
+ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
+MATCHED_KIND = "pretext_matched"
+MATCHED_CHECKPOINT_EVERY = 50  # pretext steps between checkpoints of the matched continuation
+
+
+def parse_task(task: str) -> tuple[str, int | None]:
+    """'digits' → ('digits', None); 'fashion_mnist:50' → ('fashion_mnist', 50 labelled images per class)."""
+    name, _, n = task.partition(":")
+    if name not in data_mod.DATASETS:
+        raise ConfigError(f"task {task!r}: unknown dataset {name!r}; known: {', '.join(data_mod.DATASETS)}")
+    if not n:
+        return name, None
+    if not n.isdigit() or int(n) < 1:
+        raise ConfigError(f"task {task!r}: the part after ':' must be the labelled images per class, an int >= 1")
+    return name, int(n)
+
+
+@dataclass(frozen=True)
+class CompareConfig(Config):
+    # Inputs: one pretext checkpoint, one finished BiSSL run per task started from it
+    pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt", "the pretext checkpoint every arm starts from")
+    tasks: tuple[str, ...] = param(("digits",), "downstream tasks: 'digits', or 'fashion_mnist:50' for 50 labelled "
+                                               "train images per class")
+    bissl_runs: tuple[str, ...] = param(("runs/bissl",), "one finished BiSSL run directory per task (same order), "
+                                                         "started from pretrain_checkpoint")
+    arms: tuple[str, ...] = param(("baseline_matched", "bissl"), f"pipelines to compare, from {', '.join(ARMS)}")
+    # Search (the same for every arm)
+    trials: int = param(4, "random-search trials per arm and task (the paper: 100–200)", low=1)
+    seeds: int = param(3, "final runs per arm and task at the chosen values, seeds 0..N-1 (the paper: 10)", low=1)
+    search_seed: int = param(0, "seed of the candidate (lr, wd) pairs, shared by all arms", low=0)
+    lr_range: tuple[float, float] = param(LR_RANGE, "log-uniform range of the SGD learning rate (official)",
+                                          low=0, low_inclusive=False)
+    wd_range: tuple[float, float] = param(WD_RANGE, "log-uniform range of the weight decay (official)",
+                                          low=0, low_inclusive=False)
+    # Fine-tuning protocol (the same for every arm and run)
+    epochs: int = param(10, "fine-tuning epochs of every trial and final run (the paper: 400)", low=1)
+    batch_size: int = param(256, "images per SGD step", low=2)
+    momentum: float = param(0.9, "SGD momentum", low=0, high=1, high_inclusive=False)
+    select: str = param("last", "the reported model of a run: 'last' epoch or 'best_val' epoch",
+                        choices=("last", "best_val"))
+    eval_every: int = param(0, "val evaluation every this many epochs; 0 = only at the end (enough for 'last')", low=0)
+    labels_seed: int = param(0, "which images a few-label train split keeps (BiSSL runs use 0)", low=0)
+    # Frozen-backbone evaluation
+    knn_k: int = param(20, "neighbours of the weighted k-NN", low=1)
+    knn_temperature: float = param(0.07, "temperature of the weighted k-NN vote", low=0, low_inclusive=False)
+    probe: bool = param(True, "also a linear probe on the frozen features")
+    probe_epochs: int = param(100, "epochs of the linear probe", low=1)
+    # Running
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    out_dir: str = param("runs/compare", "run directory: matched continuations, search trials and seed runs")
+    results_dir: str | None = param(None, "where comparison.json/.csv/.md go; None = out_dir")
+    figures_dir: str | None = param(None, "export the comparison figure here; None = no export")
+    figure_stem: str = param("05_comparison", "file name (without extension) of the exported figure")
+    progress: bool = param(True, "show a tqdm progress bar over the runs")
+
+    def check(self):
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not self.tasks:
+            raise ConfigError("tasks must name at least one task")
+        for t in self.tasks:
+            parse_task(t)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks={self.tasks!r} names a task twice")
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"arms={self.arms!r} must be distinct values from {', '.join(map(repr, ARMS))}")
+        if len(self.bissl_runs) != len(self.tasks):
+            raise ConfigError(f"bissl_runs has {len(self.bissl_runs)} entries but tasks has {len(self.tasks)}: "
+                              "one BiSSL run per task (it also defines the compute-matched baseline)")
+        for name in ("lr_range", "wd_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be (low, high) with low <= high")
+
+    def finetune_config(self, task: str, backbone: str, out_dir: str) -> FinetuneConfig:
+        """The fine-tuning config every run of ``task`` shares (lr, wd and seed are set by the search)."""
+        name, labels = parse_task(task)
+        return FinetuneConfig(backbone_checkpoint=backbone, downstream=name, labels_per_class=labels,
+                              labels_seed=self.labels_seed, data_root=self.data_root, epochs=self.epochs,
+                              batch_size=self.batch_size, momentum=self.momentum, eval_every=self.eval_every,
+                              select=self.select, seed=0, device=self.device, out_dir=out_dir, progress=False)
+
+
+# ---- statistics ------------------------------------------------------------------------------------------
+
+def mean_ci(values, confidence: float = 0.95) -> dict:
+    """Mean and two-sided t-interval: mean ± t_{(1+c)/2, n−1} · s/√n (s with n − 1 in the denominator).
+    With n < 2 the interval is undefined (NaN)."""
+    from scipy import stats
+
+    x = np.asarray(list(values), dtype=float)
+    n = len(x)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "half_width": half, "sd": sd, "n": n,
+            "confidence": confidence}
+
+
+def paired_ttest(a, b, confidence: float = 0.95) -> dict:
+    """Two-sided paired t-test of a − b: t = mean(d)/(s_d/√n) with n − 1 degrees of freedom, and the
+    t-interval of the mean difference. NaN when n < 2 or every difference is equal."""
+    from scipy import stats
+
+    a, b = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples must have the same length ({len(a)} vs {len(b)})")
+    d = a - b
+    ci = mean_ci(d, confidence) if len(d) else None
+    n = len(d)
+    se = ci["sd"] / math.sqrt(n) if n > 1 else math.nan
+    t = ci["mean"] / se if n > 1 and se > 0 else math.nan
+    p = float(2 * stats.t.sf(abs(t), n - 1)) if not math.isnan(t) else math.nan
+    return {"n": n, "mean_diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "t": t, "df": n - 1, "p": p,
+            "confidence": confidence, "test": f"two-sided paired t-test over seeds, n = {n}"}
+
+
+# ---- the compute-matched baseline: extra pretext steps ---------------------------------------------------
+
+def matched_settings(bissl_config: dict) -> dict:
+    """What the matched continuation copies from a BiSSL run: its lower level's steps and optimiser."""
+    c = bissl_config
+    return {"steps": c["stages"] * c["lower_steps"], "batch_size": c["lower_batch_size"], "lr": c["lower_lr"],
+            "weight_decay": c["lower_weight_decay"], "momentum": c["lower_momentum"], "warmup": c["lower_warmup"],
+            "clip": c["lower_clip"], "official_first_step": c["official_first_step"], "seed": c["seed"]}
+
+
+def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: str | Path, *, data_root=None,
+                     device="cpu", progress: bool = False) -> Path:
+    """Continue pre-training from ``pretrain_checkpoint`` for ``settings['steps']`` steps with the BiSSL lower
+    level's LARS settings and schedule (λ = 0: no proximal term, no upper level); resumable; returns the
+    checkpoint (kind ``pretext_matched``). As in BiSSL, a BYOL target restarts from the online weights."""
+    from .augment import two_views
+    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, load_pretrained, pretext_view_specs
+
+    out = Path(out_dir)
+    path = out / "checkpoint.pt"
+    device = resolve_device(device) if isinstance(device, str) else device
+    model, pre = load_pretrained(pretrain_checkpoint)
+    if hasattr(model, "reset_target"):
+        model.reset_target()
+    s = settings
+    opt = LARS(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], momentum=s["momentum"])
+    step = 0
+    pre_id = {k: v for k, v in pre.to_dict().items() if k not in PRE_RESUMABLE}
+    if path.exists():
+        ckpt = load_checkpoint(path, kind=MATCHED_KIND)
+        saved_pre = {k: v for k, v in ckpt["pretrain_config"].items() if k not in PRE_RESUMABLE}
+        if ckpt["settings"] != s or saved_pre != pre_id:
+            raise CheckpointError(f"{str(out)!r} holds a matched continuation of another pretext run or with other "
+                                  f"settings ({ckpt['settings']} vs {s}); choose another out_dir or delete it")
+        if ckpt["step"] >= s["steps"]:
+            return path
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    model.to(device)
+    images = data_mod.load_pretext(pre.pretext_dataset, root=data_root, image_size=pre.image_size)
+    views = pretext_view_specs(pre, images.shape[1])
+    per_epoch = len(images) // s["batch_size"]
+
+    def save():
+        save_checkpoint(path, {"kind": MATCHED_KIND, "step": step, "settings": s, "pretrain_config": pre.to_dict(),
+                               "pretrain_checkpoint": str(pretrain_checkpoint), "in_channels": images.shape[1],
+                               "signature": model.backbone.signature(), "model": model.state_dict(),
+                               "optimizer": opt.state_dict()})
+
+    bar = progress_bar(progress, total=s["steps"], initial=step, desc="matched pretext steps", unit="step")
+    model.train()
+    while step < s["steps"]:
+        epoch, i = divmod(step, per_epoch)
+        order = torch.randperm(len(images), generator=generator(s["seed"], "matched-pretext-order", epoch))
+        x = images[order[i * s["batch_size"]:(i + 1) * s["batch_size"]]].to(device)
+        v1, v2 = two_views(x, *views, generator(s["seed"], "matched-pretext-views", step))
+        lr = warmup_cosine(step, base_lr=s["lr"], warmup=s["warmup"], total=s["steps"],
+                           official_first_step=s["official_first_step"])
+        set_lr(opt, lr)
+        loss = model.loss(v1, v2)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"matched pretext loss is {loss.item()} at step {step + 1} (lr {lr:.4g})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s["clip"] is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
+        opt.step()
+        model.update_target()
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if step == s["steps"] or step % MATCHED_CHECKPOINT_EVERY == 0:
+            save()
+    if bar is not None:
+        bar.close()
+    return path
+
+
+# ---- the BiSSL runs ---------------------------------------------------------------------------------------
+
+def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | Path) -> dict:
+    """The config of a finished BiSSL run on ``task`` started from ``pretrain_checkpoint``'s pretext run."""
+    from .bissl import CHECKPOINT_KIND as BISSL_KIND
+    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE
+
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise ConfigError(f"no BiSSL run in {str(run_dir)!r} for task {task!r}; run it first, e.g. "
+                          f"python -m bissl_kit bissl --downstream {parse_task(task)[0]} --out-dir {run_dir} "
+                          f"--pretrain-checkpoint {pretrain_checkpoint}")
+    ckpt = load_checkpoint(path, kind=BISSL_KIND)
+    cfg = ckpt["config"]
+    if ckpt["step"] < cfg["stages"]:
+        raise ConfigError(f"the BiSSL run {str(run_dir)!r} has finished {ckpt['step']} of {cfg['stages']} stages; "
+                          "finish it first (running it again resumes it)")
+    if task_name(cfg["downstream"], cfg["labels_per_class"]) != task:
+        raise ConfigError(f"the BiSSL run {str(run_dir)!r} is for task "
+                          f"{task_name(cfg['downstream'], cfg['labels_per_class'])!r}, not {task!r}")
+    pre = load_checkpoint(pretrain_checkpoint, kind="pretrain")
+    same = {k: v for k, v in pre["config"].items() if k not in PRE_RESUMABLE}
+    used = {k: v for k, v in ckpt["meta"]["pretrain_config"].items() if k not in PRE_RESUMABLE}
+    if json_norm(same) != json_norm(used):
+        diff = [k for k in same if json_norm(same[k]) != json_norm(used.get(k))]
+        raise ConfigError(f"the BiSSL run {str(run_dir)!r} started from another pretext run than "
+                          f"{str(pretrain_checkpoint)!r} (differs in {', '.join(diff)})")
+    return {**cfg, "finished_stages": ckpt["step"]}
+
+
+def json_norm(v):
+    return json.loads(json.dumps(v))
+
+
+# ---- the comparison ----------------------------------------------------------------------------------------
+
+def arm_backbones(cfg: CompareConfig, task: str, bissl_run: str, bissl_cfg: dict, *, progress=False) -> dict:
+    """Checkpoint path of each arm's backbone for ``task`` (runs the matched continuation when needed)."""
+    paths = {}
+    for arm in cfg.arms:
+        if arm == "baseline":
+            paths[arm] = str(cfg.pretrain_checkpoint)
+        elif arm == "bissl":
+            paths[arm] = str(Path(bissl_run) / "checkpoint.pt")
+        else:  # one continuation per distinct lower-level setting, shared by the tasks whose BiSSL runs agree
+            settings = matched_settings(bissl_cfg)
+            key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
+            paths[arm] = str(continue_pretext(cfg.pretrain_checkpoint, settings,
+                                              Path(cfg.out_dir) / f"pretext_matched_{settings['steps']}_{key}",
+                                              data_root=cfg.data_root, device=cfg.device, progress=progress))
+    return paths
+
+
+def _slug(task: str) -> str:
+    return task.replace(":", "_")
+
+
+def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=None) -> dict:
+    """Run (or resume) every arm's search and final seeds on every task; write and return the results.
+
+    ``on_run(task, arm, what, record)`` is called after each fine-tuning run (a live plot)."""
+    t_start = time.perf_counter()
+    candidates = sample_candidates(cfg.trials, seed=cfg.search_seed, lr_range=cfg.lr_range, wd_range=cfg.wd_range)
+    pre_ckpt = load_checkpoint(cfg.pretrain_checkpoint, kind="pretrain")
+    results = {"kind": "bissl_kit comparison", "command": command, "config": cfg.to_dict(),
+               "pretrain": {"checkpoint": str(cfg.pretrain_checkpoint), "steps": pre_ckpt["step"],
+                            "config": pre_ckpt["config"]},
+               "candidates": [list(c) for c in candidates], "tasks": []}
+    runs_per_arm = cfg.trials + cfg.seeds - 1
+    bar = progress_bar(cfg.progress, total=len(cfg.tasks) * len(cfg.arms) * runs_per_arm, initial=0,
+                       desc="comparison runs", unit="run")
+    for task, bissl_run in zip(cfg.tasks, cfg.bissl_runs):
+        bissl_cfg = check_bissl_run(bissl_run, task, cfg.pretrain_checkpoint)
+        backbones = arm_backbones(cfg, task, bissl_run, bissl_cfg, progress=cfg.progress)
+        _, pre_cfg, _ = load_backbone(cfg.pretrain_checkpoint)
+        name, labels = parse_task(task)
+        data = load_data(name, pre_cfg, labels_per_class=labels, labels_seed=cfg.labels_seed, data_root=cfg.data_root)
+        entry = {"task": task, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test()),
+                 "bissl_run": {"dir": str(bissl_run), **{k: bissl_cfg[k] for k in (
+                     "stages", "lower_steps", "upper_steps", "lower_batch_size", "upper_batch_size", "gamma", "lam",
+                     "damping", "solver", "upper_lr", "upper_weight_decay", "seed")}},
+                 "matched_extra_steps": bissl_cfg["stages"] * bissl_cfg["lower_steps"], "arms": {}, "paired": []}
+        pre_backbone = load_backbone(cfg.pretrain_checkpoint)[0]
+        loaded = {arm: load_backbone(backbones[arm]) for arm in cfg.arms}
+        entry["distance_from_pretext"] = {arm: relative_distance(loaded[arm][0], pre_backbone) for arm in cfg.arms}
+        if {"bissl", "baseline_matched"} <= set(cfg.arms):
+            entry["distance_bissl_to_matched"] = relative_distance(loaded["bissl"][0], loaded["baseline_matched"][0],
+                                                                   reference=pre_backbone)
+        for arm in cfg.arms:
+            backbone, _, source = loaded[arm]
+            frozen = frozen_metrics(backbone, data, split="test", knn_k=cfg.knn_k,
+                                    knn_temperature=cfg.knn_temperature, probe=cfg.probe,
+                                    probe_epochs=cfg.probe_epochs, device=resolve_device(cfg.device))
+            base = cfg.finetune_config(task, backbones[arm], str(Path(cfg.out_dir) / _slug(task) / arm))
+
+            def report(what, rec, task=task, arm=arm):
+                if bar is not None:
+                    bar.update(1 if what == "trial" or rec["seed"] != base.seed else 0)
+                if on_run is not None:
+                    on_run(task, arm, what, rec)
+
+            search = run_search(base, candidates, seeds=cfg.seeds, out_dir=base.out_dir, data=data, on_run=report)
+            seeds = search["seeds"]
+            ok = [s for s in seeds if s["status"] == "ok"]
+            arm_entry = {"backbone": backbones[arm], "source": source, "frozen": frozen,
+                         "chosen": search["chosen"], "trials": search["trials"], "seeds": seeds,
+                         "failed_seeds": len(seeds) - len(ok)}
+            for metric in ("test_top1", "test_top5"):
+                arm_entry[metric] = mean_ci([s[metric] for s in ok]) if ok else None
+            if ok:
+                arm_entry["test_protocol"] = ok[0]["test_protocol"].replace(f"seed {ok[0]['seed']}",
+                                                                            f"seeds {', '.join(str(s['seed']) for s in ok)}")
+            entry["arms"][arm] = arm_entry
+        entry["paired"] = paired_comparisons(entry["arms"])
+        results["tasks"].append(entry)
+    if bar is not None:
+        bar.close()
+    results["seconds"] = time.perf_counter() - t_start
+    write_results(results, cfg)
+    return results
+
+
+@torch.no_grad()
+def relative_distance(a: torch.nn.Module, b: torch.nn.Module, *, reference: torch.nn.Module | None = None) -> float:
+    """‖θ_a − θ_b‖ / ‖θ_ref‖ over the backbone parameters (not the BatchNorm buffers); ref defaults to b."""
+    ref = b if reference is None else reference
+    num = sum(float((p - q).double().pow(2).sum()) for p, q in zip(a.parameters(), b.parameters()))
+    den = sum(float(p.double().pow(2).sum()) for p in ref.parameters())
+    return math.sqrt(num / den)
+
+
+def paired_comparisons(arms: dict) -> list[dict]:
+    """BiSSL against each baseline present (else matched against plain), paired by seed, on test top-1/top-5."""
+    pairs = [("bissl", b) for b in ("baseline_matched", "baseline") if "bissl" in arms and b in arms]
+    if not pairs and {"baseline_matched", "baseline"} <= set(arms):
+        pairs = [("baseline_matched", "baseline")]
+    out = []
+    for a, b in pairs:
+        sa = {s["seed"]: s for s in arms[a]["seeds"] if s["status"] == "ok"}
+        sb = {s["seed"]: s for s in arms[b]["seeds"] if s["status"] == "ok"}
+        common = sorted(set(sa) & set(sb))
+        for metric in ("test_top1", "test_top5"):
+            res = paired_ttest([sa[s][metric] for s in common], [sb[s][metric] for s in common]) if common else None
+            out.append({"a": a, "b": b, "metric": metric, "seeds": common, **(res or {"n": 0})})
+    return out
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------
+
+CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "run",
+              "test_protocol")
+
+
+def csv_text(results: dict) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for t in results["tasks"]:
+        for arm, a in t["arms"].items():
+            for s in a["seeds"]:
+                w.writerow({"task": t["task"], "arm": arm, **s})
+    return buf.getvalue()
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def comparison_table(results: dict) -> str:
+    """The Markdown tables the README quotes: per arm, then the paired differences, then the protocol."""
+    lines = ["| task | pipeline | n | test top-1 % (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
+             "| k-NN test % | linear probe test % |", "|---|---|---|---|---|---|---|---|"]
+    for t in results["tasks"]:
+        for arm, a in t["arms"].items():
+            m1, m5 = a["test_top1"], a["test_top5"]
+            top1 = f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" if m1 else "failed"
+            top5 = f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
+            label = ARM_LABELS[arm] + (f" (+{t['matched_extra_steps']} pretext steps)" if arm == "baseline_matched" else "")
+            lines.append(f"| {t['task']} | {label} | {m1['n'] if m1 else 0} | {top1} | {top5} | "
+                         f"{a['chosen']['lr']:.3g} / {a['chosen']['weight_decay']:.3g} | {_pct(a['frozen']['knn'])} | "
+                         f"{_pct(a['frozen'].get('probe'))} |")
+    lines += ["", "| task | difference (paired by seed) | metric | n | mean diff, points [95% CI] | t | p |",
+              "|---|---|---|---|---|---|---|"]
+    for t in results["tasks"]:
+        for p in t["paired"]:
+            if not p["n"]:
+                continue
+            lines.append(f"| {t['task']} | {ARM_LABELS[p['a']]} − {ARM_LABELS[p['b']]} | {p['metric']} | {p['n']} | "
+                         f"{100 * p['mean_diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}] | "
+                         f"{p['t']:.2f} | {p['p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def protocol_text(results: dict) -> str:
+    """One paragraph per task stating the protocol of every number in the tables."""
+    c = results["config"]
+    out = []
+    for t in results["tasks"]:
+        b = t["bissl_run"]
+        arm0 = next(iter(t["arms"].values()))
+        out.append(
+            f"- **{t['task']}** ({t['n_train']} train / {t['n_val']} val / {t['n_test']} test images). Every arm: "
+            f"random search of {c['trials']} (lr, wd) pairs shared by all arms (log-uniform, lr in "
+            f"[{c['lr_range'][0]:g}, {c['lr_range'][1]:g}], wd in [{c['wd_range'][0]:g}, {c['wd_range'][1]:g}]), "
+            f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
+            f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
+            f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
+            f"solver {b['solver']}; matched baseline: +{t['matched_extra_steps']} pretext steps. "
+            + (f"Backbones moved from the pretext one by (relative L2 of the parameters) "
+               + ", ".join(f"{ARM_LABELS[a]} {d:.3g}" for a, d in t["distance_from_pretext"].items())
+               + (f"; BiSSL vs matched {t['distance_bissl_to_matched']:.3g}" if "distance_bissl_to_matched" in t else "")
+               + ". " if "distance_from_pretext" in t else "") +
+            f"Frozen: {arm0['frozen']['knn_protocol']}; {arm0['frozen'].get('probe_protocol', 'no probe')}.")
+    return "\n".join(out) + "\n"
+
+
+def write_results(results: dict, cfg: CompareConfig) -> dict:
+    """comparison.json, comparison.csv, comparison.md (atomic) and, with figures_dir, the figure."""
+    out = Path(cfg.results_dir or cfg.out_dir)
+    paths = {"json": write_json(out / "comparison.json", results)}
+    for suffix, text in (("csv", csv_text(results)),
+                         ("md", comparison_table(results) + "\nProtocol:\n\n" + protocol_text(results)
+                          + (f"\nCommand: `{results['command']}`\n" if results.get("command") else ""))):
+        tmp = out / f".comparison.{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / f"comparison.{suffix}")
+        paths[suffix] = out / f"comparison.{suffix}"
+    if cfg.figures_dir is not None:
+        from .plots import export_figure
+        paths.update(export_figure(comparison_figure(results), cfg.figure_stem, cfg.figures_dir))
+    return paths
+
+
+def load_results(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ---- figures ---------------------------------------------------------------------------------------------------
+
+ARM_COLOURS = {"baseline": "#7f7f7f", "baseline_matched": "#1f77b4", "bissl": "#d62728"}
+
+
+def comparison_figure(results: dict, metric: str = "test_top1"):
+    """Per task: each seed's test accuracy per arm (grey lines join the same seed), and the mean with its
+    95 % t-interval."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    tasks = results["tasks"]
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[t["task"] for t in tasks])
+    for col, t in enumerate(tasks, start=1):
+        arms = list(t["arms"])
+        by_seed: dict[int, list] = {}
+        for i, arm in enumerate(arms):
+            for s in t["arms"][arm]["seeds"]:
+                if s["status"] == "ok":
+                    by_seed.setdefault(s["seed"], []).append((i, s[metric]))
+        for seed, pts in by_seed.items():
+            fig.add_trace(go.Scatter(x=[p[0] - 0.12 for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                     line=dict(color="rgba(120,120,120,0.35)", width=1),
+                                     marker=dict(size=6, color=[ARM_COLOURS[arms[p[0]]] for p in pts]),
+                                     name=f"seed {seed}", showlegend=False,
+                                     hovertemplate=f"seed {seed}: %{{y:.2%}}<extra></extra>"), 1, col)
+        for i, arm in enumerate(arms):
+            m = t["arms"][arm][metric]
+            if m is None:
+                continue
+            half = 0.0 if math.isnan(m["half_width"]) else m["half_width"]
+            fig.add_trace(go.Scatter(x=[i + 0.12], y=[m["mean"]], mode="markers",
+                                     marker=dict(size=11, symbol="diamond", color=ARM_COLOURS[arm]),
+                                     error_y=dict(type="data", array=[half], color=ARM_COLOURS[arm], thickness=2),
+                                     name=ARM_LABELS[arm], showlegend=col == 1,
+                                     hovertemplate=f"{ARM_LABELS[arm]}: mean %{{y:.2%}} ± {half:.2%} "
+                                                   f"(95% CI, n={m['n']})<extra></extra>"), 1, col)
+        fig.update_xaxes(tickvals=list(range(len(arms))), ticktext=[ARM_LABELS[a] for a in arms],
+                         range=[-0.5, len(arms) - 0.5], row=1, col=col)
+        fig.update_yaxes(tickformat=".1%", row=1, col=col)
+    what = metric.replace("test_top", "top-")
+    fig.update_yaxes(title_text=f"test {what}", row=1, col=1)
+    c = results["config"]
+    fig.update_layout(title=dict(text=f"Baseline vs BiSSL: test {what} per seed, and mean ± 95% t-interval"
+                                      f"<br><sup>{c['trials']} search trials per arm (val), "
+                                      f"{c['seeds']} seeds, {c['epochs']} fine-tuning epochs; lines join runs "
+                                      f"with the same seed</sup>"),
+                      height=430, width=max(520, 430 * len(tasks)), margin=dict(t=100, b=60),
+                      legend=dict(orientation="h", y=-0.18))
+    return fig
+
+
+class SearchMonitor:
+    """Live view of a comparison: each trial's val top-1 against its lr, per arm (one panel per task)."""
+
+    def __init__(self, tasks, arms, *, live: bool):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        from .plots import LiveFigure
+        fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[f"{t}: search trials (val)" for t in tasks])
+        self.index = {}
+        for col, task in enumerate(tasks, start=1):
+            for arm in arms:
+                self.index[(task, arm)] = len(fig.data)
+                fig.add_trace(go.Scatter(mode="markers", name=ARM_LABELS[arm], showlegend=col == 1,
+                                         marker=dict(color=ARM_COLOURS[arm], size=8)), 1, col)
+            fig.update_xaxes(type="log", title_text="learning rate", row=1, col=col)
+            fig.update_yaxes(tickformat=".0%", row=1, col=col)
+        fig.update_yaxes(title_text="val top-1", row=1, col=1)
+        fig.update_layout(height=380, width=max(520, 430 * len(tasks)), margin=dict(t=60, b=50),
+                          title="Random search: val top-1 of each trial")
+        self.figure = LiveFigure(fig, live=live)
+
+    def update(self, task, arm, what, rec) -> None:
+        if what == "trial" and rec["status"] == "ok":
+            self.figure.extend(self.index[(task, arm)], rec["lr"], rec["val_top1"])
+
+    def finish(self, stem=None, figures_dir="figures") -> dict:
+        return self.figure.finish(stem, figures_dir)

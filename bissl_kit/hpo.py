@@ -1,0 +1,122 @@
+"""Hyper-parameter search for fine-tuning (spec §2.1 stage 5, §2.2): random search, selection on val,
+then N seeds at the chosen values.
+
+* **Candidates.** Trial i draws lr and weight decay log-uniformly from their ranges with a generator
+  seeded by (search seed, i), so trial i is the same whatever the budget: raising ``trials`` extends a
+  search, and two arms searched with the same seed try the *same* (lr, wd) pairs (neither is tuned
+  harder). The official ranges are lr ∈ [1e-4, 1], wd ∈ [1e-5, 1e-2] (V1; the official draws are also
+  quantised to 1e-4 / 1e-5 steps, ours are not).
+* **Trials** are fine-tuning runs with ``test=False``: the test split is never loaded while searching.
+  The score is the val top-1 of the reported model (``select``), i.e. the number the final runs would
+  report on test. The best trial wins; ties go to the earlier trial.
+* **Seeds.** The final runs use the chosen (lr, wd) and seeds ``seed, seed + 1, …``; the run with the
+  trial seed *is* the chosen trial, continued to its test evaluation (the search's seed is one of the
+  N seeds). Test numbers are computed once per final run.
+* **Robustness.** Each run resumes from its own checkpoint; ``search.json`` is rewritten atomically after
+  every run; a trial that fails (non-finite loss, a bad value) is recorded with its error and the
+  others carry on. Running the search again re-reads the finished runs and retries failed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .finetune import DownstreamData, FinetuneConfig, finetune
+from .rng import generator
+
+# the official search ranges (spec §2.2, V1)
+LR_RANGE = (1e-4, 1.0)
+WD_RANGE = (1e-5, 1e-2)
+
+
+def sample_candidates(n: int, *, seed: int = 0, lr_range=LR_RANGE, wd_range=WD_RANGE) -> list[tuple[float, float]]:
+    """``n`` (lr, weight decay) pairs, each log-uniform in its range; pair i depends on (seed, i) only."""
+    out = []
+    for i in range(n):
+        u = torch.rand(2, generator=generator(seed, "hpo-trial", i), dtype=torch.float64).tolist()
+        lr = math.exp(math.log(lr_range[0]) + u[0] * (math.log(lr_range[1]) - math.log(lr_range[0])))
+        wd = math.exp(math.log(wd_range[0]) + u[1] * (math.log(wd_range[1]) - math.log(wd_range[0])))
+        out.append((float(f"{lr:.4g}"), float(f"{wd:.4g}")))  # 4 significant digits: readable in tables
+    return out
+
+
+def select_best(trials: list[dict], *, key: str = "val_top1") -> dict:
+    """The successful trial with the highest ``key`` (a val number); ties go to the earlier trial."""
+    if not key.startswith("val_"):
+        raise ValueError(f"trials are selected on a val number, not {key!r}")
+    ok = [t for t in trials if t.get("status") == "ok"]
+    if not ok:
+        errors = "; ".join(f"trial {t['trial']}: {t.get('error')}" for t in trials)
+        raise RuntimeError(f"no search trial finished ({errors or 'no trials'})")
+    return max(ok, key=lambda t: (t[key], -t["trial"]))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically: a temporary file in the same directory, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _attempt(cfg: FinetuneConfig, data: DownstreamData | None) -> dict:
+    """Run one fine-tuning to its end; a failure becomes a record instead of an exception."""
+    try:
+        return {"status": "ok", **finetune(cfg, data=data)}
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others (KeyboardInterrupt passes)
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, seeds: int, out_dir: str | Path,
+               data: DownstreamData | None = None, on_run=None) -> dict:
+    """Trials at ``candidates`` (selection on val), then ``seeds`` final runs at the chosen values.
+
+    Runs go to ``out_dir/trial_NN`` and ``out_dir/seed_S``; the record of the whole search is
+    ``out_dir/search.json``. ``on_run(what, record)`` is called after every run (progress display)."""
+    out = Path(out_dir)
+    state = {"base": base.to_dict(), "candidates": [list(c) for c in candidates], "trials": [], "chosen": None,
+             "seeds": []}
+
+    def trial_dir(i):
+        return out / f"trial_{i:02d}"
+
+    for i, (lr, wd) in enumerate(candidates):
+        cfg = base.replace(lr=lr, weight_decay=wd, test=False, progress=False, out_dir=str(trial_dir(i)))
+        rec = {"trial": i, "lr": lr, "weight_decay": wd, "run": str(trial_dir(i)), **_attempt(cfg, data)}
+        rec = {k: v for k, v in rec.items() if not k.startswith("test")}  # trials carry val numbers only
+        state["trials"].append(rec)
+        write_json(out / "search.json", state)
+        if on_run is not None:
+            on_run("trial", rec)
+
+    chosen = select_best(state["trials"])
+    state["chosen"] = {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
+                       "val_top1": chosen["val_top1"], "run": chosen["run"]}
+    for s in range(seeds):
+        seed = base.seed + s
+        run = Path(chosen["run"]) if seed == base.seed else out / f"seed_{seed}"
+        cfg = base.replace(lr=chosen["lr"], weight_decay=chosen["weight_decay"], seed=seed, test=True,
+                           progress=False, out_dir=str(run))
+        rec = {"seed": seed, "run": str(run), **_attempt(cfg, data)}
+        state["seeds"].append(rec)
+        write_json(out / "search.json", state)
+        if on_run is not None:
+            on_run("seed", rec)
+    return state

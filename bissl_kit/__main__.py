@@ -3,6 +3,10 @@
 For batch jobs and clusters. Every field of the stage's config is an option (``--lr 0.5``,
 ``--crop-scale 0.2 1.0``, ``--clip-grad-norm none``); ``--config FILE.json`` reads a config saved by
 an earlier run; options given on the command line override it.
+
+Stages: ``pretrain`` (PretrainConfig), ``bissl`` (BisslConfig; ``--paper-mode`` as notebook 02's
+``paper_mode``), ``finetune`` (FinetuneConfig) and ``compare`` (CompareConfig). Paths are relative to
+the working directory (the notebooks' parameters are relative to ``notebooks/``).
 """
 
 from __future__ import annotations
@@ -10,14 +14,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import types
 import typing
 
+from .bissl import FAST_MODE, PAPER_MODE, BisslConfig
+from .compare import CompareConfig
 from .config import Config, ConfigError
+from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
 
-STAGES: dict[str, type[Config]] = {"pretrain": PretrainConfig}
+STAGES: dict[str, type[Config]] = {"pretrain": PretrainConfig, "bissl": BisslConfig, "finetune": FinetuneConfig,
+                                   "compare": CompareConfig}
 
 
 def _parse_value(text: str, hint):
@@ -51,9 +60,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type[Config]) -> No
                             help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
 
 
-def config_from_args(cls: type[Config], args: argparse.Namespace) -> Config:
+def config_from_args(cls: type[Config], args: argparse.Namespace, base: dict | None = None) -> Config:
     hints = typing.get_type_hints(cls)
-    values = {}
+    values = dict(base or {})
     if getattr(args, "config", None):
         with open(args.config) as fh:
             values.update(json.load(fh))
@@ -75,10 +84,17 @@ def main(argv=None) -> int:
     for name, cls in STAGES.items():
         p = sub.add_parser(name, help=f"run the {name} stage", argument_default=argparse.SUPPRESS)
         p.add_argument("--config", help="JSON file with config fields (e.g. a run's config.json)")
+        if name == "bissl":
+            p.add_argument("--paper-mode", dest="paper_mode", action="store_true", default=False,
+                           help="start from the official algorithm's values (PAPER_MODE) instead of ours (FAST_MODE); "
+                                "options given override them")
         add_config_options(p, cls)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(STAGES[args.stage], args)
+        base = None
+        if args.stage == "bissl":
+            base = PAPER_MODE if args.paper_mode else FAST_MODE
+        cfg = config_from_args(STAGES[args.stage], args, base)
     except (ConfigError, argparse.ArgumentTypeError) as e:
         parser.error(str(e))
     if args.stage == "pretrain":
@@ -88,6 +104,32 @@ def main(argv=None) -> int:
                 print(f"step {rec['step']}: k-NN {rec['knn']:.2%} ({rec['protocol']})", flush=True)
             last = rec
         print(f"done: {cfg.out_dir}/checkpoint.pt (step {last['step'] if last else cfg.steps})")
+    elif args.stage == "bissl":
+        from .bissl import build_trainer
+        trainer = build_trainer(cfg)
+        for rec in trainer.run():
+            if rec.get("kind") == "stage":
+                print(f"stage {rec['stage']}: val top-1 {rec.get('val_top1', float('nan')):.2%}, "
+                      f"‖θ_P − θ_D‖ {rec['distance']:.3g}", flush=True)
+        print(f"done: {cfg.out_dir}/checkpoint.pt (stage {trainer.stage})")
+    elif args.stage == "finetune":
+        from .finetune import Finetuner
+        tuner = Finetuner(cfg)
+        for rec in tuner.run():
+            if rec.get("kind") == "epoch" and "val_top1" in rec:
+                print(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.3f}, val top-1 {rec['val_top1']:.2%}",
+                      flush=True)
+        res = tuner.result
+        print(f"val top-1 {res['val_top1']:.2%}, top-5 {res['val_top5']:.2%} ({res['protocol']})")
+        if "test_top1" in res:
+            print(f"test top-1 {res['test_top1']:.2%}, top-5 {res['test_top5']:.2%} ({res['test_protocol']})")
+        print(f"done: {cfg.out_dir}/checkpoint.pt")
+    elif args.stage == "compare":
+        from .compare import comparison_table, run_comparison
+        command = shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
+        results = run_comparison(cfg, command=command)
+        print(comparison_table(results))
+        print(f"done in {results['seconds']:.0f} s: {cfg.results_dir or cfg.out_dir}/comparison.{{json,csv,md}}")
     return 0
 
 

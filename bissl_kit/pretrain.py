@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from . import data as data_mod
+from . import distributed
 from .augment import simclr_specs, two_views
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
@@ -65,6 +66,8 @@ class PretrainConfig(Config):
     clip_grad_norm: float | None = param(None, "clip the global gradient norm to this value; None = no clipping",
                                          low=0, low_inclusive=False)
     bf16: bool = param(False, "bfloat16 autocast for forward passes (≈1.5× faster on CPU)")
+    sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
+                          "pre-training) instead of per-rank shards; no effect in one process")
     # Monitoring
     eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits)",
                               choices=("digits", "fashion_mnist"))
@@ -90,7 +93,9 @@ class PretrainConfig(Config):
 
 
 # fields that do not change the numbers a run produces: a run may resume with other values of these
-RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "knn_every", "device", "out_dir", "data_root"})
+# (sync_bn, like the world size, says how the run is executed: it changes nothing in one process)
+RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "knn_every", "device", "out_dir", "data_root",
+                              "sync_bn"})
 
 
 def pretext_view_specs(cfg: PretrainConfig, channels: int):
@@ -120,13 +125,19 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
+        distributed.init()  # under torchrun: join the process group (and pick this rank's GPU); else no-op
         self.device = resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        self.log = MetricsLog(self.out_dir)
+        # rank 0 alone logs and writes checkpoints; every rank resumes from them
+        self.log = MetricsLog(self.out_dir) if distributed.is_main() else distributed.NullLog()
         self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
         if cfg.batch_size > len(self.images):
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
                               f"({len(self.images)} images)")
+        try:
+            distributed.check_divisible(cfg.batch_size, "batch_size")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         channels = self.images.shape[1]
         self.view_specs = pretext_view_specs(cfg, channels)
         self.mean, self.std = self.view_specs[0].mean, self.view_specs[0].std
@@ -141,6 +152,10 @@ class Pretrainer:
         self.step = 0
         self.batches_per_epoch = len(self.images) // cfg.batch_size
         self._resume()
+        if cfg.sync_bn and distributed.is_distributed():
+            distributed.convert_sync_batchnorm(self.model)
+        # model.loss, through DistributedDataParallel under torchrun (gradients averaged across ranks)
+        self.loss_fn = distributed.loss_module(self.model)
 
     # ---- persistence ---------------------------------------------------------------------------
     @property
@@ -160,7 +175,9 @@ class Pretrainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = ckpt["step"]
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not distributed.is_main():
+            return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(self.cfg.to_json())
         return save_checkpoint(self.checkpoint_path, {
@@ -199,11 +216,13 @@ class Pretrainer:
         set_lr(self.optimizer, lr)
         x = self.batch(step).to(self.device)
         v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, "pretext-views", step))
+        v1, v2 = distributed.shard(v1), distributed.shard(v2)  # this rank's part of the global batch
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = self.model.loss(v1, v2)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pre-training loss is {loss.item()} at step {step} (lr {lr:.4g}); "
+            loss = self.loss_fn(v1, v2)
+        value = distributed.mean_value(loss.detach())  # the global batch's loss
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"pre-training loss is {value.item()} at step {step} (lr {lr:.4g}); "
                                      f"the last good checkpoint is {str(self.checkpoint_path)!r}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,7 +230,7 @@ class Pretrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
         self.optimizer.step()
         self.model.update_target()
-        return {"step": step + 1, "loss": loss.item(), "lr": lr}
+        return {"step": step + 1, "loss": value.item(), "lr": lr}
 
     def run(self, *, replay: bool = False) -> Iterator[dict]:
         """Train until ``cfg.steps``; yields one record per step (``step`` counts finished steps)
@@ -222,11 +241,12 @@ class Pretrainer:
         self._trim_log()
         if replay:
             yield from read_metrics(self.out_dir)
-        if self.step == 0:
+        main = distributed.is_main()  # the k-NN monitor runs on rank 0 (all samples, each once)
+        if self.step == 0 and main:
             rec = self._knn_record()
             self.log.append(rec)
             yield rec
-        bar = progress_bar(cfg.progress, total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.method}", unit="step")
+        bar = progress_bar(cfg.progress and main, total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.method}", unit="step")
         t0 = time.perf_counter()
         while self.step < cfg.steps:
             rec = self.train_step(self.step)
@@ -239,7 +259,7 @@ class Pretrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}")
             last = self.step == cfg.steps
-            if last or (cfg.knn_every and self.step % cfg.knn_every == 0):
+            if main and (last or (cfg.knn_every and self.step % cfg.knn_every == 0)):
                 rec = self._knn_record()
                 self.log.append(rec)
                 yield rec

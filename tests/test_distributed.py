@@ -186,7 +186,32 @@ def check_batchnorm(out):
     return res
 
 
-CHECKS = {"ntxent": check_ntxent, "hypergradient": check_hypergradient, "stages": check_stages,
+def pretrain_config(out_dir):
+    from bissl_kit.pretrain import PretrainConfig
+    return PretrainConfig(steps=1, batch_size=16, warmup_steps=0, width=4, proj_hidden=32, proj_dim=16, knn_every=0,
+                          eval_labels_per_class=5, sync_bn=True, progress=False, device="cpu", out_dir=str(out_dir))
+
+
+def pretrain_params(out_dir):
+    """One step of the real pre-training loop (ResNet with BatchNorm, float32, SimCLR)."""
+    from bissl_kit.pretrain import Pretrainer
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        trainer = Pretrainer(pretrain_config(out_dir))
+        recs = list(trainer.run())
+    finally:
+        torch.set_default_dtype(old)
+    return {"params": torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]),
+            "loss": [r["loss"] for r in recs if "loss" in r], "knn": [r["knn"] for r in recs if "knn" in r],
+            "ddp": type(trainer.loss_fn).__name__}
+
+
+def check_pretrain(out):
+    return pretrain_params(out / "pretrain")
+
+
+CHECKS = {"pretrain": check_pretrain, "ntxent": check_ntxent, "hypergradient": check_hypergradient, "stages": check_stages,
           "batchnorm": check_batchnorm}
 
 
@@ -344,6 +369,21 @@ def test_batchnorm_is_exact_with_sync_bn_and_per_shard_without(ranks):
         assert float((r["batchnorm"]["syncTrue"] - ref[True]).abs().max()) < 1e-10
         assert float((r["batchnorm"]["syncFalse"] - ref[False]).abs().max()) > 1e-4
     assert torch.equal(res[0]["batchnorm"]["syncFalse"], res[1]["batchnorm"]["syncFalse"])
+
+
+def test_pretraining_on_two_ranks_is_one_process_with_the_global_batch(ranks, tmp_path):
+    """DDP + SyncBatchNorm + the gathered NT-Xent: one step of the real loop equals one process up to
+    float32 rounding; rank 0 alone runs the k-NN monitor and writes the checkpoint."""
+    res, out = ranks
+    ref = pretrain_params(tmp_path / "one")
+    for rank, r in enumerate(res):
+        p = r["pretrain"]
+        assert p["ddp"] == "DistributedDataParallel"
+        assert float((p["params"] - ref["params"]).abs().max()) < 1e-5
+        assert p["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert p["knn"] == (ref["knn"] if rank == 0 else [])
+    assert (out / "pretrain" / "checkpoint.pt").exists()
+    assert sum('"knn"' in ln for ln in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_without_a_launcher_everything_is_the_identity():

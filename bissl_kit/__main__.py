@@ -2,7 +2,8 @@
 
 For batch jobs and clusters. Every field of the stage's config is an option (``--lr 0.5``,
 ``--crop-scale 0.2 1.0``, ``--clip-grad-norm none``); ``--config FILE.json`` reads a config saved by
-an earlier run; options given on the command line override it.
+an earlier run; options given on the command line override it. The same command runs under
+``torchrun`` on several processes, GPUs and nodes (README, "Scaling out with torchrun").
 
 Stages: ``pretrain`` (PretrainConfig), ``bissl`` (BisslConfig; ``--paper-mode`` as notebook 02's
 ``paper_mode``), ``finetune`` (FinetuneConfig) and ``compare`` (CompareConfig). Paths are relative to
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import types
 import typing
 
+from . import distributed
 from .bissl import FAST_MODE, PAPER_MODE, BisslConfig
 from .compare import CompareConfig
 from .config import Config, ConfigError
@@ -97,6 +100,10 @@ def main(argv=None) -> int:
         cfg = config_from_args(STAGES[args.stage], args, base)
     except (ConfigError, argparse.ArgumentTypeError) as e:
         parser.error(str(e))
+    # under torchrun (torchrun --nproc-per-node M python -m bissl_kit STAGE ...) every rank runs this;
+    # join the process group now, and let rank 0 alone print (errors still reach stderr on every rank)
+    if distributed.init() and not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")
     if args.stage == "pretrain":
         last = None
         for rec in Pretrainer(cfg).run():

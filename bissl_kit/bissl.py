@@ -509,10 +509,8 @@ class BisslTrainer:
         if not distributed.is_distributed():
             acc = accuracy_topk(logits, y)
             return {"val_top1": acc[1], "val_top5": acc[5], "val_loss": F.cross_entropy(logits, y).item()}
-        hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == y[:, None]).any(1).sum() for k in (1, 5)]
-        sums = torch.stack(hits + [F.cross_entropy(logits, y, reduction="sum")]).double()
-        top1, top5, loss = (distributed.sum_tensor(sums) / n).tolist()
-        return {"val_top1": top1, "val_top5": top5, "val_loss": loss}
+        m = distributed.union_metrics(logits, y, n)
+        return {"val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]}
 
     def _check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
         if not torch.isfinite(value):

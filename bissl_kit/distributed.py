@@ -61,12 +61,14 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["init", "is_distributed", "world_size", "rank", "local_rank", "is_main", "barrier",
-           "check_divisible", "shard", "eval_slice", "gather_cat", "all_reduce_sum", "all_reduce_mean_",
-           "reduce_mean", "mean_value", "sum_tensor", "broadcast_module", "average_buffers",
-           "ReducedOperator", "reduced", "SyncBatchNorm", "convert_sync_batchnorm", "loss_module", "NullLog"]
+           "check_divisible", "shard", "split", "eval_slice", "union_metrics",
+           "gather_cat", "all_reduce_sum", "all_reduce_mean_", "reduce_mean", "mean_value", "sum_tensor",
+           "broadcast_module", "average_buffers", "ReducedOperator", "reduced",
+           "SyncBatchNorm", "convert_sync_batchnorm", "data_parallel", "loss_module", "NullLog"]
 
 
 # ---- the process group -------------------------------------------------------------------------------
@@ -145,6 +147,32 @@ def eval_slice(n: int) -> slice:
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return slice(start, start + base + (1 if r < extra else 0))
+
+
+def split(*tensors: Tensor) -> tuple[tuple[Tensor, ...], float]:
+    """This rank's part of a global batch of any size n ≥ W (parts as :func:`eval_slice`), and the
+    weight w = W·n_r/n such that the mean over ranks of w·(mean loss over the part) is the mean loss
+    over the global batch, and so the mean of the per-rank gradients its gradient. For a last,
+    partial batch (fine-tuning without drop_last); full batches use :func:`shard` (weight 1).
+    In one process: the tensors themselves and 1.0."""
+    if not is_distributed():
+        return tensors, 1.0
+    n = len(tensors[0])
+    if n < world_size():
+        raise ValueError(f"a global batch of {n} cannot give each of the {world_size()} ranks a sample")
+    part = eval_slice(n)
+    return tuple(t[part] for t in tensors), world_size() * (part.stop - part.start) / n
+
+
+def union_metrics(logits: Tensor, labels: Tensor, n: int) -> dict:
+    """Top-1, top-5 and mean cross-entropy over the union of the ranks' parts of an evaluation set of
+    ``n`` samples (each rank passes the logits of its :func:`eval_slice`): counts and loss sums are
+    added across ranks, so every sample counts once (spec C12: no padding, no mean of per-rank
+    means)."""
+    hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).sum() for k in (1, 5)]
+    sums = torch.stack(hits + [F.cross_entropy(logits.double(), labels, reduction="sum")]).double()
+    top1, top5, loss = (sum_tensor(sums) / n).tolist()
+    return {"top1": top1, "top5": top5, "loss": loss}
 
 
 # ---- collectives with a differentiable backward ---------------------------------------------------
@@ -378,6 +406,18 @@ class _LossModule(nn.Module):
         return self.model.loss(*args)
 
 
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torchrun (gradients averaged across ranks in
+    its backward), ``model`` itself in one process. For modules trained through their own
+    ``forward`` (the fine-tuning classifier); first-order training only, see :func:`loss_module`."""
+    if not is_distributed():
+        return model
+    device = next(model.parameters()).device
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
 def loss_module(model: nn.Module) -> Callable:
     """``model.loss`` in one process; under torchrun, the same loss through DistributedDataParallel,
     which averages the gradients across ranks during the backward (overlapping communication with
@@ -386,10 +426,7 @@ def loss_module(model: nn.Module) -> Callable:
     is why the BiSSL stage reduces its gradients by hand (:func:`all_reduce_mean_`)."""
     if not is_distributed():
         return model.loss
-    device = next(model.parameters()).device
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(_LossModule(model), device_ids=ids)
+    return data_parallel(_LossModule(model))
 
 
 class NullLog:

@@ -60,6 +60,21 @@ def check_ntxent(out):
     return {"loss": distributed.mean_value(loss.detach()), "grads": grads}
 
 
+def split_inputs():
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    return torch.randn(7, 5, generator=g), torch.randint(0, 3, (7,), generator=g), nn.Linear(5, 3)
+
+
+def check_split(out):
+    """A partial batch of 7 on 2 ranks (4 + 3 samples): weighted local means average to the global mean."""
+    x, y, lin = split_inputs()
+    (xr, yr), w = distributed.split(x, y)
+    loss = w * F.cross_entropy(lin(xr), yr)
+    grads = distributed.reduce_mean(torch.autograd.grad(loss, list(lin.parameters())))
+    return {"loss": distributed.mean_value(loss.detach()), "grads": grads, "n": len(yr)}
+
+
 class _OfficialGather(torch.autograd.Function):
     """The official scheme as spec §1.8 describes it (written from that description): forward
     all-gathers; backward stacks the gradients, runs an in-place all-reduce autograd does not
@@ -220,7 +235,7 @@ def check_pretrain(out):
     return pretrain_params(out / "pretrain")
 
 
-CHECKS = {"pretrain": check_pretrain, "ntxent": check_ntxent, "hypergradient": check_hypergradient, "stages": check_stages,
+CHECKS = {"pretrain": check_pretrain, "ntxent": check_ntxent, "split": check_split, "hypergradient": check_hypergradient, "stages": check_stages,
           "batchnorm": check_batchnorm}
 
 
@@ -281,6 +296,17 @@ def test_nt_xent_and_its_gradient_on_two_ranks_are_the_full_batch_ones(ranks):
     for r in res:
         assert abs(float(r["ntxent"]["loss"] - loss.detach())) < 1e-14
         assert rel(r["ntxent"]["grads"], grads) < 1e-13
+
+
+def test_a_partial_batch_split_unevenly_gives_the_full_batch_loss_and_gradient(ranks):
+    res, _ = ranks
+    x, y, lin = split_inputs()
+    loss = F.cross_entropy(lin(x), y)
+    grads = torch.autograd.grad(loss, list(lin.parameters()))
+    assert [r["split"]["n"] for r in res] == [4, 3]
+    for r in res:
+        assert abs(float(r["split"]["loss"] - loss.detach())) < 1e-14
+        assert rel(r["split"]["grads"], grads) < 1e-14
 
 
 def test_hypergradient_on_two_ranks_is_the_full_batch_one(ranks):

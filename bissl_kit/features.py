@@ -224,6 +224,13 @@ def _same_architecture(a, b) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
+def _lineage_differences(a, b) -> str:
+    """The pre-training settings (other than bookkeeping such as out_dir) in which two configs differ."""
+    from .pretrain import RESUMABLE_FIELDS
+    da, db = a.to_dict(), b.to_dict()
+    return "; ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if k not in RESUMABLE_FIELDS and da[k] != db.get(k))
+
+
 def collect_stages(cfg: FeaturesConfig, *, log=print) -> tuple[list[Stage], list[str]]:
     """The stages of ``cfg.stages`` that exist, in order, and the notes about those skipped.
 
@@ -261,6 +268,10 @@ def collect_stages(cfg: FeaturesConfig, *, log=print) -> tuple[list[Stage], list
                 raise CheckpointError(msg)
             notes.append("skipped: " + msg)
             continue
+        differs = _lineage_differences(s.pre_cfg, reference.pre_cfg)
+        if s is not reference and differs:
+            notes.append(f"note: {s.label!r} descends from a pre-training run with other settings than "
+                         f"{reference.label!r} ({differs}); the two are not one pipeline")
         kept.append(s)
     stages = []
     for kind in cfg.stages:

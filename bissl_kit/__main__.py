@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         parser.error(str(e))
     # under torchrun (torchrun --nproc-per-node M python -m bissl_kit STAGE ...) every rank runs this;
     # join the process group now, and let rank 0 alone print (errors still reach stderr on every rank)
-    if distributed.init() and not distributed.is_main():
+    if distributed.init(device=getattr(cfg, "device", None)) and not distributed.is_main():
         sys.stdout = open(os.devnull, "w")
     if args.stage == "pretrain":
         last = None

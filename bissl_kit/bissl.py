@@ -694,7 +694,7 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
     from .models import linear_head
     from .pretrain import load_pretrained
 
-    distributed.init()  # under torchrun: join the process group (and pick this rank's GPU); else no-op
+    distributed.init(device=cfg.device)  # under torchrun: join the process group, pick this rank's GPU
     device = resolve_device(cfg.device)
     lower, pre_cfg = load_pretrained(cfg.pretrain_checkpoint)
     if hasattr(lower, "reset_target"):

@@ -77,16 +77,19 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(backend: str | None = None, *, timeout_s: float = 1800) -> bool:
+def init(backend: str | None = None, *, device: str | None = None, timeout_s: float = 1800) -> bool:
     """Join the process group described by torchrun's environment; no-op in one process.
 
-    Idempotent. ``backend`` defaults to NCCL when CUDA is available, else gloo. Returns whether
-    this process is one of several."""
+    Idempotent. ``backend`` defaults to NCCL when CUDA is available and ``device`` (a config's
+    'auto', 'cpu', 'cuda') is not 'cpu', else gloo; with NCCL, 'cuda' then means GPU ``LOCAL_RANK``
+    (so pass 'cuda' or 'auto' under torchrun, not 'cuda:N'). Returns whether this process is one
+    of several."""
     if not dist.is_available():
         return False
     if not dist.is_initialized() and _launched():
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            on_cpu = device is not None and str(device).startswith("cpu")
+            backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank())  # "cuda" / "auto" then mean this rank's GPU
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -125,7 +125,7 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        distributed.init()  # under torchrun: join the process group (and pick this rank's GPU); else no-op
+        distributed.init(device=cfg.device)  # under torchrun: join the process group, pick this rank's GPU
         self.device = resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
         # rank 0 alone logs and writes checkpoints; every rank resumes from them

@@ -235,8 +235,31 @@ def check_pretrain(out):
     return pretrain_params(out / "pretrain")
 
 
-CHECKS = {"pretrain": check_pretrain, "ntxent": check_ntxent, "split": check_split, "hypergradient": check_hypergradient, "stages": check_stages,
-          "batchnorm": check_batchnorm}
+def check_benchmark(out):
+    """benchmarks/stage.py under 2 ranks at the smallest size (float32, as it runs for real)."""
+    import contextlib
+    import importlib.util
+    import io
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stage.py"
+    spec = importlib.util.spec_from_file_location("stage_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            bench.main(["--pretrain-steps", "1", "--batch", "8", "--width", "4", "--image-size", "8",
+                        "--lower-steps", "1", "--upper-steps", "1", "--modes", "official", "--ref-iters", "3",
+                        "--cache", str(out / "bench-cache"), "--json", str(out / f"bench-{distributed.rank()}.json"),
+                        "--threads", "1"])
+    finally:
+        torch.set_default_dtype(old)
+    return printed.getvalue()
+
+
+CHECKS = {"benchmark": check_benchmark, "pretrain": check_pretrain, "ntxent": check_ntxent, "split": check_split,
+          "hypergradient": check_hypergradient, "stages": check_stages, "batchnorm": check_batchnorm}
 
 
 def _worker(rank, port, out):
@@ -414,6 +437,13 @@ def test_pretraining_on_two_ranks_is_one_process_with_the_global_batch(ranks, tm
         assert p["knn"] == (ref["knn"] if rank == 0 else [])
     assert (out / "pretrain" / "checkpoint.pt").exists()
     assert sum('"knn"' in ln for ln in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_stage_benchmark_runs_on_two_ranks_and_rank_0_reports(ranks):
+    res, out = ranks
+    assert "Processes: 2 (torchrun; global batch 8, 4 per rank" in res[0]["benchmark"]
+    assert "official" in res[0]["benchmark"] and res[1]["benchmark"] == ""
+    assert (out / "bench-0.json").exists() and not (out / "bench-1.json").exists()
 
 
 def test_without_a_launcher_everything_is_the_identity():

@@ -214,4 +214,4 @@ def test_04_features_umap_runs_headless(runs, tmp_path):
     assert "Procrustes-aligned to 'pre-trained'" in text
     assert "headless run: the explorer is shown only with live=True" in text
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
-    assert {"04_features_umap.html", "04_features_metrics.html", "04_features_fixed.html"} <= figures
+    assert {f"04_features_{n}.html" for n in ("umap", "metrics", "fixed", "broken")} <= figures

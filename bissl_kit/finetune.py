@@ -467,7 +467,7 @@ def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "v
             out["probe_protocol"] = "linear probe unavailable (bissl_kit.evaluate.linear_probe not present)"
             return out
         res = linear_probe(train_f, data.train.labels, eval_f, target.labels, epochs=probe_epochs, lr=probe_lr,
-                           weight_decay=probe_weight_decay, seed=seed)
+                           weight_decay=probe_weight_decay, seed=seed, num_classes=data.num_classes)
         out["probe"] = res.accuracy
         out["probe_protocol"] = f"{data.task} {split}, {res.protocol()}"
     return out

@@ -769,33 +769,24 @@ class StageExplorer:
         self._classes = [int(c) for c in np.unique(self._y)]
         names = d.class_names()
         allxy = np.concatenate([s.embedding for s in analysis.stages])
-        # traces 0..C-1: one per class; C, C+1: k-NN right / wrong; C+2: silhouette (continuous)
-        self._markers = ([dict(size=6, color=class_colour(c), opacity=0.85) for c in self._classes]
-                         + [dict(size=6, color="#bbbbbb", opacity=0.7), dict(size=7, color="#d62728", symbol="x"),
-                            dict(size=6, colorscale="RdBu", cmin=-1, cmax=1,
-                                 colorbar=dict(title=dict(text="silhouette"), thickness=12))])
         fig = go.Figure()
+        # traces 0..C-1: one per class; C, C+1: k-NN right / wrong; C+2: silhouette (continuous)
         for c in self._classes:
-            fig.add_trace(go.Scattergl(mode="markers", name=names[c], legendgroup="class"))
-        fig.add_trace(go.Scattergl(mode="markers", name="k-NN right"))
-        fig.add_trace(go.Scattergl(mode="markers", name="k-NN wrong"))
-        fig.add_trace(go.Scattergl(mode="markers", name="silhouette", showlegend=False))
+            fig.add_trace(go.Scattergl(mode="markers", name=names[c], legendgroup="class",
+                                       marker=dict(size=6, color=class_colour(c), opacity=0.85)))
+        fig.add_trace(go.Scattergl(mode="markers", name="k-NN right", marker=dict(size=6, color="#bbbbbb", opacity=0.7)))
+        fig.add_trace(go.Scattergl(mode="markers", name="k-NN wrong", marker=dict(size=7, color="#d62728", symbol="x")))
+        fig.add_trace(go.Scattergl(mode="markers", name="silhouette", showlegend=False,
+                                   marker=dict(size=6, colorscale="RdBu", cmin=-1, cmax=1,
+                                               colorbar=dict(title="silhouette", thickness=12))))
         shared = analysis.cfg.umap_fit != "pooled"
         axis = dict(showticklabels=False, ticks="", showgrid=False, zeroline=False, mirror=True, showline=True,
                     linecolor="#ccc", title_text=None)
-        self._layout = dict(width=width, height=height, plot_bgcolor="white", dragmode="lasso",
-                            margin=dict(l=20, r=20, t=80, b=20), legend=dict(itemsizing="constant"),
-                            xaxis=dict(axis, **({"range": _axis_range(allxy[:, 0])} if shared else {})),
-                            yaxis=dict(axis, scaleanchor="x", **({"range": _axis_range(allxy[:, 1])} if shared else {})))
-        fig.update_layout(self._layout)
-        # Every style is also (re)sent by show(): in JupyterLab the browser now and then draws a
-        # FigureWidget from its first comm message alone, without the styles set at construction
-        # (seen as plotly's default colours in tests/test_browser.py); updates always arrive.
-        try:  # plots.figure_widget_class opens the comm after the figure is built, which avoids the race
-            from .plots import figure_widget_class
-            self.figure = figure_widget_class()(fig)
-        except ImportError:
-            self.figure = go.FigureWidget(fig)
+        fig.update_layout(width=width, height=height, plot_bgcolor="white", dragmode="lasso",
+                          margin=dict(l=20, r=20, t=80, b=20), legend=dict(itemsizing="constant"),
+                          xaxis=dict(axis, **({"range": _axis_range(allxy[:, 0])} if shared else {})),
+                          yaxis=dict(axis, scaleanchor="x", **({"range": _axis_range(allxy[:, 1])} if shared else {})))
+        self.figure = go.FigureWidget(fig)
         self.stage_switch = widgets.ToggleButtons(
             options=[(s.label, s.key) for s in analysis.stages], value=self.stage_key, description="Stage",
             tooltips=[s.source for s in analysis.stages], style={"button_width": "auto"})
@@ -825,9 +816,7 @@ class StageExplorer:
         groups = [self._y == c for c in self._classes] + [correct, ~correct, np.ones(len(xy), bool)]
         visible = ([self.colouring == "class"] * ncls + [self.colouring == "knn"] * 2 + [self.colouring == "silhouette"])
         with self.figure.batch_update():
-            self.figure.layout.update(self._layout)
             for i, (trace, m) in enumerate(zip(self.figure.data, groups)):
-                trace.marker = self._markers[i]
                 trace.x, trace.y = xy[m, 0], xy[m, 1]
                 trace.customdata, trace.hovertemplate = custom[m], template
                 trace.visible = visible[i]

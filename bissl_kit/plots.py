@@ -11,6 +11,7 @@ Every figure is exported as HTML (always; plotly.js is written once beside it as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -24,11 +25,43 @@ LIVE_REDRAW_SECONDS = 0.5
 
 @functools.lru_cache(maxsize=1)
 def widgets_available() -> bool:
+    """plotly's FigureWidget needs anywidget (plotly ≥ 7) and ipywidgets.
+
+    Checked by import, not by building a throwaway FigureWidget: that opens a second widget model
+    in the browser, and with it JupyterLab dropped most updates of the live figure (5 runs in 8 in a
+    browser test; 0 in 6 without it)."""
     try:
-        go.FigureWidget()
+        import anywidget  # noqa: F401
+        import ipywidgets  # noqa: F401
+        from plotly.basewidget import BaseFigureWidget  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def figure_widget_class() -> type:
+    """``go.FigureWidget`` whose comm opens with the figure in its first message.
+
+    plotly's FigureWidget opens its comm (ipywidgets does so in the constructor) before it sets the
+    figure's data and layout, which follow as separate updates. In JupyterLab the browser now and
+    then draws the view from the first message alone: an empty 360-px plot that later updates cannot
+    fill (seen by tests/test_browser.py in about one run in three, on a loaded machine). Opening the
+    comm once the figure is built removes the race."""
+
+    class FigureWidget(go.FigureWidget):
+        _defer_open = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._defer_open = False
+            self.open()
+
+        def open(self):
+            if not self._defer_open:
+                super().open()
+
+    return FigureWidget
 
 
 class LiveFigure:
@@ -42,7 +75,12 @@ class LiveFigure:
         self.live = live and widgets_available()
         if live and not self.live:
             warnings.warn("plotly FigureWidget is unavailable (install anywidget); showing a static figure")
-        self.fig = go.FigureWidget(fig) if self.live else fig
+        # Live, the widget takes the width of the notebook (a fixed width wider than a laptop's notebook
+        # column cuts off the right-hand panels); exports keep the figure's own width.
+        self.export_width = fig.layout.width
+        if self.live:
+            fig = go.Figure(fig).update_layout(width=None, autosize=True)
+        self.fig = figure_widget_class()(fig) if self.live else fig
         self._data: dict[int, tuple[list, list]] = {}  # only the traces fed by extend()
         self._last = 0.0
         self._display = display
@@ -68,7 +106,7 @@ class LiveFigure:
         """Draw the final state; export to ``figures_dir/stem.{html,png}`` when ``stem`` is given;
         headless, display the figure once (as PNG when possible). Returns the written paths."""
         self.redraw()
-        paths = export_figure(go.Figure(self.fig), stem, figures_dir) if stem else {}
+        paths = export_figure(go.Figure(self.fig).update_layout(width=self.export_width), stem, figures_dir) if stem else {}
         if not self.live and self._display:
             show_static(self.fig, paths.get("png"))
         return paths
@@ -82,11 +120,19 @@ def export_figure(fig: go.Figure, stem: str, figures_dir: str | Path = "figures"
     fig.write_html(paths["html"], include_plotlyjs="directory")
     png = out / f"{stem}.png"
     if png_export_available():
-        with warnings.catch_warnings():  # plotly passes browser options the persistent server ignores
-            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+        with _quiet_kaleido():
             fig.write_image(png, scale=2)
         paths["png"] = png
     return paths
+
+
+@contextlib.contextmanager
+def _quiet_kaleido():
+    """plotly passes browser options that kaleido's persistent server ignores and warns about it on
+    the first export: a red box under the dashboard that tells the user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+        yield
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,7 +144,8 @@ def png_export_available() -> bool:
     try:
         import kaleido
         kaleido.start_sync_server(silence_warnings=True)
-        go.Figure().to_image(format="png", width=10, height=10)
+        with _quiet_kaleido():
+            go.Figure().to_image(format="png", width=10, height=10)
     except Exception as e:  # kaleido raises its own types when no browser is found
         warnings.warn(f"PNG export unavailable ({type(e).__name__}); figures are written as HTML only. "
                       "Install a Chromium (Debian: apt-get install chromium) for PNGs.")

@@ -59,15 +59,22 @@ class BisslDashboard:
         for i in range(RESIDUAL_HISTORY):
             fig.add_trace(go.Scatter(mode="lines+markers", marker=dict(size=4), showlegend=False,
                                      line=dict(color=f"rgba(31,119,180,{0.25 + 0.75 * (i + 1) / RESIDUAL_HISTORY})")), 2, 2)
-        for r, c, xt, yt in ((1, 1, "stage", "loss"), (1, 2, "stage", "cosine"), (2, 1, "upper step", ""),
-                             (2, 2, "CG iteration", "‖r‖ / ‖v‖"), (3, 1, "stage", "L2 distance"), (3, 2, "stage", "accuracy")):
+        for r, c, xt, yt in ((1, 1, "stage", "loss (nats)"), (1, 2, "stage", "cosine"),
+                             (2, 1, "upper step (all stages)", ""), (2, 2, "CG iteration", "‖r‖ / ‖v‖"),
+                             (3, 1, "stage", "L2 distance"), (3, 2, "stage", "val top-1")):
             fig.update_xaxes(title_text=xt, row=r, col=c)
             fig.update_yaxes(title_text=yt, row=r, col=c)
+        for r, c in ((1, 2), (3, 1), (3, 2)):  # the four stage panels share one stage axis
+            fig.update_xaxes(matches="x", row=r, col=c)
         fig.update_yaxes(range=[-1.05, 1.05], row=1, col=2)
-        fig.update_yaxes(type="log", row=2, col=2)
+        # one tick per decade (the default labels every minor tick 2…9 when the range is short)
+        fig.update_yaxes(type="log", dtick=1, exponentformat="power", row=2, col=2)
         fig.update_yaxes(tickformat=".1%", row=3, col=2)
-        fig.update_layout(title=title, height=860, width=1000, margin=dict(t=90, b=40, l=60, r=20),
-                          legend=dict(orientation="h", y=1.06, x=0, font=dict(size=11)))
+        # width: exports only; live, the widget takes the notebook's width (LiveFigure). The legend sits
+        # between the title and the top panels with room for both.
+        fig.update_layout(title=dict(text=title, y=0.985, yanchor="top"), height=880, width=1000,
+                          margin=dict(t=100, b=40, l=60, r=20),
+                          legend=dict(orientation="h", y=1.05, yanchor="bottom", x=0, font=dict(size=11)))
         self.figure = LiveFigure(fig, live=live)
         self.per_stage = lower_steps + upper_steps
         self.lower_steps = lower_steps

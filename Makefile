@@ -23,14 +23,16 @@ $(VENV)/.installed: pyproject.toml
 data: $(VENV)/.installed
 	$(BIN)/python -m bissl_kit.data prepare --allow-apt
 
-# Chromium lets kaleido export PNG figures; without it the figures are written as HTML only.
+# Chromium lets kaleido export PNG figures and runs the browser tests (tests/test_browser.py, driven by
+# Playwright's Python package from the `test` extra; never `playwright install`). Without it the
+# figures are written as HTML only and the browser tests are skipped (failed under CI).
 browser:
 	@if command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Debian chromium (PNG export of figures)"; \
+	  echo "installing Debian chromium (PNG export of figures, browser tests)"; \
 	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
-	  || echo "warning: chromium could not be installed; figures will be HTML only"; \
-	else echo "note: no chromium and no root/apt-get; figures will be HTML only"; fi
+	  || echo "warning: chromium could not be installed; figures will be HTML only, browser tests skipped"; \
+	else echo "note: no chromium and no root/apt-get; figures will be HTML only, browser tests skipped"; fi
 
 demo: setup
 	$(BIN)/python -m bissl_kit.notebooks run

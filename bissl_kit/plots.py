@@ -106,17 +106,31 @@ class LiveFigure:
         """Draw the final state; export to ``figures_dir/stem.{html,png}`` when ``stem`` is given;
         headless, display the figure once (as PNG when possible). Returns the written paths."""
         self.redraw()
-        paths = export_figure(go.Figure(self.fig).update_layout(width=self.export_width), stem, figures_dir) if stem else {}
+        paths = export_figure(go.Figure(self.fig).update_layout(width=self.export_width), stem, figures_dir) if stem else FigurePaths()
         if not self.live and self._display:
             show_static(self.fig, paths.get("png"))
         return paths
 
 
-def export_figure(fig: go.Figure, stem: str, figures_dir: str | Path = "figures") -> dict:
+class FigurePaths(dict):
+    """``{"html": Path, "png": Path}``; shown in a notebook as one line saying where the figure went
+    (the last line of a cell is displayed, and a dict of PosixPaths under a dashboard only confuses)."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "(figure not exported)"
+        folder = next(iter(self.values())).parent
+        return f"figure written to {folder}: " + ", ".join(p.name for p in self.values())
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))
+
+
+def export_figure(fig: go.Figure, stem: str, figures_dir: str | Path = "figures") -> FigurePaths:
     """Write ``stem.html`` (always) and ``stem.png`` (when kaleido can start a Chromium)."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"html": out / f"{stem}.html"}
+    paths = FigurePaths(html=out / f"{stem}.html")
     fig.write_html(paths["html"], include_plotlyjs="directory")
     png = out / f"{stem}.png"
     if png_export_available():

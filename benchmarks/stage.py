@@ -25,6 +25,10 @@ solved its system ``A x = v`` (A = I + H/(λ+δ)):
 
 Usage: ``python benchmarks/stage.py`` (CPU: the embedded narrow ResNet-18 at 16 px);
 ``--device cuda`` uses ResNet-18 (width 64) at 96 px; ``--json FILE`` keeps everything.
+Under torchrun (``torchrun --nproc-per-node M benchmarks/stage.py --device cuda``) every rank runs
+the same stages on its shard of the same global batches (``--batch``) and rank 0 reports; the
+speed-up of M processes is the ratio of the stage times of the two commands (README, "Scaling out
+with torchrun").
 """
 from __future__ import annotations
 
@@ -43,16 +47,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bissl_kit import distributed  # noqa: E402
 from bissl_kit.bissl import FAST_MODE, PAPER_MODE, BisslConfig, build_trainer  # noqa: E402
 from bissl_kit.implicit import HessianOperator, cg_solve  # noqa: E402
 from bissl_kit.pretrain import PretrainConfig, Pretrainer  # noqa: E402
 
+OURS = dict(hvp="reuse", bn_stats="restore", nonfinite="raise")
 MODES = {
     "official": dict(PAPER_MODE),
     "paper+reuse": {**PAPER_MODE, "hvp": "reuse"},
     "default": dict(FAST_MODE),
-    "reuse+cg-tol+recycle": {**FAST_MODE, "solver": "cg", "warm_start": "recycle"},
-    "reuse+minres-tol": {**FAST_MODE, "solver": "minres", "warm_start": "previous"},
+    "reuse+cg5-tol+recycle": {**FAST_MODE, **OURS, "solver": "cg", "cg_iters": 5, "cg_rtol": 1e-2,
+                              "warm_start": "recycle"},
+    "reuse+minres5-tol": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 5, "cg_rtol": 1e-2,
+                          "warm_start": "none"},
+    "reuse+minres2": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 2, "cg_rtol": 1e-2, "warm_start": "none"},
+    "reuse+minres1": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 1, "cg_rtol": 1e-2, "warm_start": "none"},
 }
 
 
@@ -76,6 +86,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     ap.add_argument("--cache", default=str(ROOT / "runs" / "benchmarks"), help="folder of the pre-training run.")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file.")
+    ap.add_argument("--sync-bn", action="store_true",
+                    help="under torchrun: BatchNorm over the global batch instead of per-rank shards.")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.image_size = args.image_size or (96 if cuda else 16)
@@ -103,6 +115,7 @@ def pretrained_checkpoint(args) -> Path:
         print(f"[setup] pre-training {cfg.steps} steps into {out} ...", file=sys.stderr, flush=True)
         for _ in Pretrainer(cfg).run():
             pass
+    distributed.barrier()  # under torchrun: rank 0 has written the checkpoint
     return ckpt
 
 
@@ -114,7 +127,7 @@ def stage_config(args, mode: str, ckpt: Path, out_dir: str) -> BisslConfig:
         **opts, "pretrain_checkpoint": str(ckpt), "stages": 1, "lower_steps": args.lower_steps,
         "upper_steps": args.upper_steps, "head_warmup_epochs": 0, "damping": args.damping,
         "lower_batch_size": args.batch, "upper_batch_size": args.batch, "device": args.device,
-        "out_dir": out_dir, "progress": False})
+        "out_dir": out_dir, "progress": False, "sync_bn": args.sync_bn})
 
 
 def sync(device: torch.device) -> None:
@@ -156,9 +169,11 @@ def run_stage(cfg: BisslConfig):
 def exact_operator(trainer, batch):
     """A = I + H/(λ+δ) on the stage's θ_P (unchanged by the upper phase), graph built once."""
     c = trainer.cfg
-    return HessianOperator(lambda b: trainer.lower.loss(*b), dict(trainer.lower.backbone.named_parameters()),
-                           batch, mode="reuse", lam=c.lam, damping=c.damping, bn_stats="restore",
-                           module=trainer.lower)
+    # under torchrun `batch` is this rank's shard and the products are averaged: the global-batch A
+    return distributed.reduced(HessianOperator(lambda b: trainer.lower.loss(*b),
+                                               dict(trainer.lower.backbone.named_parameters()), batch,
+                                               mode="reuse", lam=c.lam, damping=c.damping, bn_stats="restore",
+                                               module=trainer.lower))
 
 
 def solve_quality(trainer, seen, args):
@@ -181,38 +196,47 @@ def params_of(trainer):
 
 def main(argv=None):
     args = parse_args(argv)
+    distributed.init(device=args.device)  # under torchrun: join the process group; rank 0 alone reports
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = pretrained_checkpoint(args)
     results, ref_x, ref_info, v1 = {}, None, None, None
     params = {}
+    modes = args.modes.split(",")
+    runs: dict[str, list] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
-            runs = []
-            for rep in range(args.repeats):
+        # repeats interleave the modes, so that a change of load on a shared machine hits all alike
+        for rep in range(args.repeats):
+            for mode in modes:
                 torch.manual_seed(0)
                 trainer, stats, seen = run_stage(stage_config(args, mode, ckpt, f"{tmp}/{mode}-{rep}"))
-                runs.append(stats)
+                runs[mode].append(stats)
                 print(f"[{mode}] repeat {rep + 1}: stage {stats['stage_s']:.1f} s", file=sys.stderr, flush=True)
-            out = dict(runs[0])
-            for key in ("lower_s", "upper_s", "stage_s"):
-                out[key] = statistics.median(r[key] for r in runs)
-                out[key + "_all"] = [r[key] for r in runs]
-            res, ref, true_rel = solve_quality(trainer, seen, args)
-            out["residuals"] = res
-            if ref_x is None:  # step 1's system is the same in every mode: one reference serves all
-                ref_x, v1 = flat(ref.x), flat(seen[0]["v"])
-                ref_info = dict(iterations=ref.iterations, converged=ref.converged, true_rel_residual=true_rel)
-            out["v1_matches_reference"] = bool(torch.allclose(flat(seen[0]["v"]), v1, rtol=1e-5, atol=1e-8))
-            out["err1"] = float((flat(seen[0]["x"]) - ref_x).norm() / ref_x.norm())
-            params[mode] = params_of(trainer)
-            results[mode] = out
+                if rep:
+                    continue
+                out = results[mode] = dict(stats)
+                res, ref, true_rel = solve_quality(trainer, seen, args)
+                out["residuals"] = res
+                if ref_x is None:  # step 1's system is the same in every mode: one reference serves all
+                    ref_x, v1 = flat(ref.x), flat(seen[0]["v"])
+                    ref_info = dict(iterations=ref.iterations, converged=ref.converged, true_rel_residual=true_rel)
+                out["v1_matches_reference"] = bool(torch.allclose(flat(seen[0]["v"]), v1, rtol=1e-5, atol=1e-8))
+                out["err1"] = float((flat(seen[0]["x"]) - ref_x).norm() / ref_x.norm())
+                params[mode] = params_of(trainer)
+                del trainer, seen
+    for mode in modes:
+        for key in ("lower_s", "upper_s", "stage_s"):
+            results[mode][key] = statistics.median(r[key] for r in runs[mode])
+            results[mode][key + "_all"] = [r[key] for r in runs[mode]]
     if "official" in params:
         for mode, p in params.items():
             results[mode]["max_param_diff_vs_official"] = float((p - params["official"]).abs().max())
+    if not distributed.is_main():
+        return
     report(args, results, ref_info)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), reference=ref_info, results=results), indent=1))
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), world_size=distributed.world_size(), reference=ref_info,
+                                                 results=results), indent=1))
 
 
 def device_name(device: str) -> str:
@@ -223,6 +247,9 @@ def device_name(device: str) -> str:
 
 def report(args, results, ref_info):
     print(f"\nDevice: {device_name(args.device)}; torch {torch.__version__}")
+    w = distributed.world_size()
+    print(f"Processes: {w}" + (f" (torchrun; global batch {args.batch}, {args.batch // w} per rank; BatchNorm "
+                               f"{'over the global batch' if args.sync_bn else 'per rank'})" if w > 1 else ""))
     print(f"Stage: N_L {args.lower_steps}, N_U {args.upper_steps}, K {args.cg_iters} (paper modes); "
           f"batch {args.batch}; narrow ResNet-18 width {args.width} at {args.image_size} px, pre-trained "
           f"{args.pretrain_steps} SimCLR steps; λ = 1e-3, δ = {args.damping:g}; repeats {args.repeats}")

@@ -299,19 +299,35 @@ def _layerwise(matvec, b, max_iter, nonfinite, names, on_product) -> CGResult:
     return CGResult(tuple(x), residual_norms, False, max_iter, max_iter, initial, n_bad)
 
 
+class _CountedProducts:
+    """``matvec`` with its output checked against b's shapes, counted, and reported to ``on_product``."""
+
+    def __init__(self, matvec: MatVec, b: Sequence[Tensor], on_product):
+        self.matvec, self.b, self.on_product, self.count = matvec, b, on_product, 0
+
+    def __call__(self, d: Tensors) -> Tensors:
+        Ad = _check_matvec_output(self.matvec(d), self.b)
+        self.count += 1
+        if self.on_product is not None:
+            self.on_product(d, Ad)
+        return Ad
+
+
+def _tolerance(b: Sequence[Tensor], rtol: float | None, atol: float | None) -> float | None:
+    """max(rtol·‖b‖, atol) over the tolerances given; None = never stop early."""
+    tols = []
+    if rtol is not None:
+        tols.append(rtol * float(torch.sqrt(_dot(b, b))))
+    if atol is not None:
+        tols.append(atol)
+    return max(tols) if tols else None
+
+
 def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_product, deflation) -> CGResult:
     check = nonfinite == "raise"
     if check and not all(bool(torch.isfinite(t).all()) for t in b):
         _raise_nonfinite(0, [("the right-hand side b", b)], names)
-    n_matvec = 0
-
-    def apply(d: Tensors) -> Tensors:
-        nonlocal n_matvec
-        Ad = _check_matvec_output(matvec(d), b)
-        n_matvec += 1
-        if on_product is not None:
-            on_product(d, Ad)
-        return Ad
+    apply = _CountedProducts(matvec, b, on_product)
 
     k_defl = deflation.size if deflation is not None else 0
     x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
@@ -332,12 +348,7 @@ def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
     if check and not bool(torch.isfinite(rs)):
         _raise_nonfinite(0, [("the initial residual b - A x0", r), ("x0", x)], names)
     initial = float(torch.sqrt(rs))
-    tols = []
-    if rtol is not None:
-        tols.append(rtol * float(torch.sqrt(_dot(b, b))))
-    if atol is not None:
-        tols.append(atol)
-    tol = max(tols) if tols else None
+    tol = _tolerance(b, rtol, atol)
 
     converged = initial == 0.0 or (tol is not None and initial <= tol)
     residual_norms: list[float] = []
@@ -376,7 +387,7 @@ def _global(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
     n_bad = 0
     if nonfinite == "zero":
         x, n_bad = _finalize_nonfinite(x)
-    return CGResult(tuple(x), residual_norms, converged, it, n_matvec, initial, n_bad, negative_curvature)
+    return CGResult(tuple(x), residual_norms, converged, it, apply.count, initial, n_bad, negative_curvature)
 
 
 def _minres(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_product) -> CGResult:
@@ -389,15 +400,7 @@ def _minres(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
     check = nonfinite == "raise"
     if check and not all(bool(torch.isfinite(t).all()) for t in b):
         _raise_nonfinite(0, [("the right-hand side b", b)], names)
-    n_matvec = 0
-
-    def apply(d: Tensors) -> Tensors:
-        nonlocal n_matvec
-        Ad = _check_matvec_output(matvec(d), b)
-        n_matvec += 1
-        if on_product is not None:
-            on_product(d, Ad)
-        return Ad
+    apply = _CountedProducts(matvec, b, on_product)
 
     x = [torch.zeros_like(t) for t in b] if x0 is None else [t.clone() for t in x0]
     if x0 is None:
@@ -408,12 +411,7 @@ def _minres(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
     if check and not math.isfinite(beta):
         _raise_nonfinite(0, [("the initial residual b - A x0", r), ("x0", x)], names)
     initial = beta
-    tols = []
-    if rtol is not None:
-        tols.append(rtol * float(torch.sqrt(_dot(b, b))))
-    if atol is not None:
-        tols.append(atol)
-    tol = max(tols) if tols else None
+    tol = _tolerance(b, rtol, atol)
     converged = beta == 0.0 or (tol is not None and beta <= tol)
     residual_norms: list[float] = []
     negative_curvature = False
@@ -461,7 +459,7 @@ def _minres(matvec, b, max_iter, rtol, atol, x0, r0, nonfinite, names, on_produc
     n_bad = 0
     if nonfinite == "zero":
         x, n_bad = _finalize_nonfinite(x)
-    return CGResult(tuple(x), residual_norms, converged, it, n_matvec, initial, n_bad, negative_curvature)
+    return CGResult(tuple(x), residual_norms, converged, it, apply.count, initial, n_bad, negative_curvature)
 
 
 def _sub(a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:

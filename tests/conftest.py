@@ -22,3 +22,13 @@ def _global_default_dtype_untouched():
     """A module that changes torch's default dtype at import time leaks it into every other test."""
     assert torch.get_default_dtype() == torch.float32, "a test module changed torch's default dtype globally"
     yield
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test, restored afterwards so other modules keep float32.
+    Modules of exact float64 checks use it with ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

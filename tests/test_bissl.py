@@ -14,13 +14,8 @@ from bissl_kit.rng import generator
 D_IN, FEAT, N_PRE, N_DOWN, CLASSES = 6, 5, 24, 18, 3
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Every test here runs in float64; restored afterwards so other modules keep float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# every test here runs in float64 (conftest.float64_default restores the default afterwards)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class TinyBackbone(nn.Sequential):

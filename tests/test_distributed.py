@@ -30,12 +30,8 @@ TIMEOUT_S = 150
 LOWER_B, UPPER_B = 4, 6  # global batches (2 + 2 pairs, 3 + 3 images per rank)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# every test here runs in float64 (conftest.float64_default restores the default afterwards)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def rel(a, b) -> float:

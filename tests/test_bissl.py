@@ -137,7 +137,7 @@ def reference_stage(cfg, lower, upper, head, data):
         idx = upper_order[k * cfg.upper_batch_size:(k + 1) * cfg.upper_batch_size]
         x, y = data.downstream_batch(idx, ("upper", k))
         g_imp = torch.autograd.grad(F.cross_entropy(head(lower.backbone(x)), y), tp + phi_d)
-        hyper = ref_layerwise_cg(A, list(g_imp[:len(tp)]), cfg.cg_iters)
+        hyper = ref_layerwise_cg(A, list(g_imp[:len(tp)]), cfg.solver_iters)
         g_cls = torch.autograd.grad(F.cross_entropy(head(upper(x)), y), td + phi_d)
         g = [h + cfg.gamma * c for h, c in zip(hyper + list(g_imp[len(tp):]), g_cls)]
         g = ref_clip(g, cfg.upper_clip)
@@ -306,6 +306,15 @@ def test_evaluation_topk_and_layer_groups():
 def test_bad_bissl_config_is_rejected(field, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         cfg_for(1.0, **{field: value})
+
+
+def test_solver_iterations_default_to_each_solvers_own():
+    # None means "the solver's default", so switching solver never inherits another solver's K
+    assert (BisslConfig().solver, BisslConfig().solver_iters) == ("minres", 1)
+    assert BisslConfig(solver="layerwise").solver_iters == 5
+    assert BisslConfig().replace(solver="cg", warm_start="recycle").solver_iters == 5
+    assert BisslConfig(solver="cg", cg_iters=3).solver_iters == 3
+    assert BisslConfig.embedded().solver_iters == 1 and BisslConfig.embedded(paper_mode=True).solver_iters == 5
 
 
 def test_presets_are_the_spec_defaults():

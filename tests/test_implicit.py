@@ -1,6 +1,5 @@
 """Tests of the implicit-gradient engine (bissl_kit.implicit), float64 on CPU."""
 import math
-import warnings
 
 import pytest
 import torch
@@ -617,7 +616,20 @@ def test_paper_preset_is_official_layerwise():
     ref = reference_layerwise(op, v, 5)
     assert all(torch.equal(a, b) for a, b in zip(res.x, ref))
     assert res.n_products == 5 and res.iterations == 5 and res.seconds > 0
-    assert RECOMMENDED_SOLVER["mode"] == "global" and RECOMMENDED_SOLVER["warm_start"] == "recycle"
+
+
+def test_recommended_solver_is_the_best_multiple_of_v():
+    """One MINRES iteration minimises ‖v − A·αv‖ over α: x = (vᵀAv / ‖Av‖²) v, one product."""
+    net, params, batch, loss_fn = tiny_setup(seed=19)
+    op = HessianOperator(loss_fn, params, batch, mode="reuse", damping=0.05)
+    v = random_tuple([p.shape for p in params.values()], torch.Generator().manual_seed(19))
+    res = HypergradientSolver(op, **{**RECOMMENDED_SOLVER, "rtol": None})(v)
+    av = flat(op(v))
+    alpha = flat(v) @ av / (av @ av)
+    assert rel_err(res.x, unflat(alpha * flat(v), v)) < 1e-10
+    assert res.n_products == 1 and res.iterations == 1
+    # never farther from v than x = 0, whatever the sign of vᵀAv
+    assert float(torch.linalg.vector_norm(flat(v) - alpha * av)) <= float(torch.linalg.vector_norm(flat(v)))
 
 
 def test_solver_rejects_bad_options():

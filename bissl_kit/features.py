@@ -593,7 +593,11 @@ def _numbers_line(s: StageResult) -> str:
     return f"k-NN {s.knn:.1%} · probe {s.probe:.1%} · silhouette {s.silhouette:+.3f}"
 
 
-def umap_panels(analysis: FeatureAnalysis, *, cols: int = 3, width: int = 1050) -> "go.Figure":
+# JupyterLab's notebook column on a 1366-px laptop screen is about 1000 px wide: figures fit inside it
+LAPTOP_WIDTH = 940
+
+
+def umap_panels(analysis: FeatureAnalysis, *, cols: int = 3, width: int = LAPTOP_WIDTH) -> "go.Figure":
     """One UMAP panel per stage, coloured by class, on shared axis ranges; the stage's numbers above it."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -636,7 +640,7 @@ def umap_panels(analysis: FeatureAnalysis, *, cols: int = 3, width: int = 1050) 
     return fig
 
 
-def metrics_figure(analysis: FeatureAnalysis, *, width: int = 1050) -> "go.Figure":
+def metrics_figure(analysis: FeatureAnalysis, *, width: int = LAPTOP_WIDTH) -> "go.Figure":
     """k-NN and linear-probe accuracy (left) and silhouette (right) per stage, protocols underneath."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -786,7 +790,8 @@ class StageExplorer:
                           margin=dict(l=20, r=20, t=80, b=20), legend=dict(itemsizing="constant"),
                           xaxis=dict(axis, **({"range": _axis_range(allxy[:, 0])} if shared else {})),
                           yaxis=dict(axis, scaleanchor="x", **({"range": _axis_range(allxy[:, 1])} if shared else {})))
-        self.figure = go.FigureWidget(fig)
+        from .plots import figure_widget_class
+        self.figure = figure_widget_class()(fig)  # the browser's first message holds the whole figure
         self.stage_switch = widgets.ToggleButtons(
             options=[(s.label, s.key) for s in analysis.stages], value=self.stage_key, description="Stage",
             tooltips=[s.source for s in analysis.stages], style={"button_width": "auto"})
@@ -821,10 +826,12 @@ class StageExplorer:
                 trace.customdata, trace.hovertemplate = custom[m], template
                 trace.visible = visible[i]
                 trace.selectedpoints = None
-            self.figure.data[-1].marker.color = s.silhouette_per_image[self.analysis.pictured]
             self.figure.layout.title.text = (f"<b>{s.label}</b> — {_numbers_line(s)}"
                                              f"<br><sup>{self.analysis.data.task}, {self.analysis.data.split} split; "
                                              "UMAP axes have no units</sup>")
+        # outside the batch: a batched update that sets marker.color on one trace sends null for the
+        # others, and the browser then draws the class traces in plotly's default palette
+        self.figure.data[-1].marker.color = s.silhouette_per_image[self.analysis.pictured]
         self.thumbnails.value = "<i>Select points (lasso or box) to see their images here.</i>"
 
     def _on_selection(self, trace, points, selector) -> None:

@@ -237,7 +237,7 @@ def test_02_bilevel_dashboard_updates_live_and_the_button_runs_more_stages(runs,
     # the controls rendered: every knob, the button, the status line
     button = page.locator("button.jupyter-button", has_text="run 2 stages")
     assert button.is_visible() and button.is_enabled()
-    for label in ("λ", "δ", "γ", "K (CG iters)", "N_L", "N_U", "lower lr", "upper lr", "stages"):
+    for label in ("λ", "δ", "γ", "K (solver its)", "N_L", "N_U", "lower lr", "upper lr", "stages"):
         assert page.locator(".widget-label", has_text=label).first.is_visible(), f"control {label!r} missing"
     status = page.locator(".widget-html", has_text="stages done")
     assert re.match(rf"\s*{stages} stages done", status.inner_text()), status.inner_text()
@@ -274,6 +274,7 @@ def explorer_state(page) -> dict:
       const gd = ({_EXPLORER_PLOT})();
       if (!gd || !gd.data || !gd.layout) return null;
       return {{title: gd.layout.title?.text ?? '', x: gd.data.flatMap(t => Array.from(t.x || []).slice(0, 3)),
+               colours: gd.data.map(t => t.marker?.color ?? null),
                points: gd.data.reduce((n, t) => n + (t.visible === false ? 0 : (t.x || []).length), 0)}};
     }}""")
 
@@ -301,6 +302,9 @@ def test_04_feature_explorer_stage_switch_redraws_the_plot_in_place(runs, lab, p
     assert before["points"] > 0 and before["title"], (
         f"the explorer's plot is empty ({before}): drawn from an empty figure, the FigureWidget race that "
         "bissl_kit.plots.figure_widget_class avoids")
+    # the class colours are the static panels' (features.class_colour), not plotly's default palette
+    from bissl_kit.features import PALETTE
+    assert before["colours"][:3] == list(PALETTE[:3]), before["colours"]
 
     # every other stage: the same plot (no new output) takes that stage's title and coordinates
     explorer_cell = page.locator(".jp-Cell", has=switch)

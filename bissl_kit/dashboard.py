@@ -1,4 +1,4 @@
-"""The BiSSL dashboard of notebook 02: losses, gradient alignment, CG residuals, distance, accuracy.
+"""The BiSSL dashboard of notebook 02: losses, gradient alignment, solver residuals, distance, accuracy.
 
 Fed with :class:`~bissl_kit.bissl.BisslTrainer` records. The x axis is the stage, continuous: the
 k-th lower step of stage s sits at s − 1 + k/(N_L + N_U), the k-th upper step at
@@ -12,7 +12,7 @@ Panels and their definitions (docs/… in the notebook's story):
   plain fine-tuning would? — and cos(x, ∇_θP L_P) against the pretext gradient of the last lower
   step (negative: the downstream wants what the pretext task resists);
 * per-layer alignment: the first cosine per layer group (stem, layer1.0, …) and upper step;
-* CG: relative residual ‖v − A x_k‖/‖v‖ per iteration of the latest solves, from the start point
+* solver (CG, MINRES or the layerwise recursion): relative residual ‖v − A x_k‖/‖v‖ per iteration of the latest solves, from the start point
   x_0 (0, or the warm start) (log scale);
 * distance ‖θ_P − θ_D‖, and val top-1 of (θ_D, φ_D) per stage.
 
@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 from .plots import LiveFigure
 
 LAYER_COLORSCALE = "RdBu"
-RESIDUAL_HISTORY = 8  # CG solves drawn in the residual panel (the latest ones)
+RESIDUAL_HISTORY = 8  # solves drawn in the residual panel (the latest ones)
 
 # trace indices
 (T_PRETEXT, T_IMPLICIT, T_CLASSIC, T_COS_CLASSIC, T_COS_PRETEXT, T_HEAT, T_DIST, T_ACC) = range(8)
@@ -42,7 +42,7 @@ class BisslDashboard:
         fig = make_subplots(
             rows=3, cols=2, vertical_spacing=0.11, horizontal_spacing=0.16,
             subplot_titles=("losses", "gradient alignment (cosine)", "per-layer cos(implicit, classic)",
-                            "CG relative residual, latest solves", "‖θ_P − θ_D‖", "val top-1 of (θ_D, φ_D)"))
+                            "solver relative residual, latest solves", "‖θ_P − θ_D‖", "val top-1 of (θ_D, φ_D)"))
         line = dict(width=1.5)
         fig.add_trace(go.Scatter(name="lower: pretext L_P", mode="lines", line=dict(color="#1f77b4", **line)), 1, 1)
         fig.add_trace(go.Scatter(name="upper: L_D(θ_P, φ_D)", mode="lines", line=dict(color="#d62728", **line)), 1, 1)
@@ -60,7 +60,7 @@ class BisslDashboard:
             fig.add_trace(go.Scatter(mode="lines+markers", marker=dict(size=4), showlegend=False,
                                      line=dict(color=f"rgba(31,119,180,{0.25 + 0.75 * (i + 1) / RESIDUAL_HISTORY})")), 2, 2)
         for r, c, xt, yt in ((1, 1, "stage", "loss (nats)"), (1, 2, "stage", "cosine"),
-                             (2, 1, "upper step (all stages)", ""), (2, 2, "CG iteration", "‖r‖ / ‖v‖"),
+                             (2, 1, "upper step (all stages)", ""), (2, 2, "solver iteration", "‖r‖ / ‖v‖"),
                              (3, 1, "stage", "L2 distance"), (3, 2, "stage", "val top-1")):
             fig.update_xaxes(title_text=xt, row=r, col=c)
             fig.update_yaxes(title_text=yt, row=r, col=c)

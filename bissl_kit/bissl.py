@@ -69,7 +69,7 @@ DEFAULT_SOLVER_ITERS = {"layerwise": 5, "cg": 5, "minres": 1}
 @dataclass(frozen=True)
 class BisslConfig(Config):
     # Inputs
-    pretrain_checkpoint: str = param("../runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P")
+    pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P")
     downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)")
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
@@ -120,7 +120,7 @@ class BisslConfig(Config):
     device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (bissl_kit.distributed.SyncBatchNorm, "
                           "exact against one process) instead of per-rank shards (official); no effect in one process")
-    out_dir: str = param("../runs/bissl", "run directory: checkpoint, metrics, config")
+    out_dir: str = param("runs/bissl", "run directory: checkpoint, metrics, config")
     progress: bool = param(True, "show a tqdm progress bar")
 
     @property

@@ -64,7 +64,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 class FeaturesConfig(Config):
     # Which checkpoints. None = "whatever exists" at the usual place under runs_dir (skipped with a note
     # when missing); a path given here must exist.
-    runs_dir: str = param("../runs", "where missing checkpoint paths are looked for: <runs_dir>/pretrain, "
+    runs_dir: str = param("runs", "where missing checkpoint paths are looked for: <runs_dir>/pretrain, "
                           "<runs_dir>/bissl, <runs_dir>/finetune (each <...>/checkpoint.pt)")
     pretrain_checkpoint: str | None = param(None, "pre-training checkpoint; None = <runs_dir>/pretrain/checkpoint.pt if it exists")
     bissl_checkpoint: str | None = param(None, "BiSSL checkpoint (θ_P and θ_D); None = <runs_dir>/bissl/checkpoint.pt if it exists")

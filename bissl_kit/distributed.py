@@ -330,11 +330,19 @@ class ReducedOperator:
     def hvp(self, d):
         return reduce_mean(self.op.hvp(d))
 
+    def hvp_batched(self, D):
+        """``H̄ d_j`` for the k directions stacked in ``D`` (leading dimension k), averaged across ranks.
+        Defined here rather than forwarded by ``__getattr__``, whose products would be rank-local; one
+        product per direction, because the wrapped op's vmap (``is_grads_batched``) has no batching rule
+        for the collectives in the graph of a gathered loss (SimCLR's NT-Xent)."""
+        cols = [self.op.hvp(tuple(t[j] for t in D)) for j in range(D[0].shape[0])]
+        return reduce_mean(tuple(torch.stack(c) for c in zip(*cols)))
+
     def __call__(self, d):
         hv = self.hvp(d)
         return tuple(di + hi * self.op.scale for di, hi in zip(d, hv))
 
-    def __getattr__(self, name):  # names, scale, batch, n_products, release, ...
+    def __getattr__(self, name):  # names, scale, batch, n_products, release, ... (not products: above)
         return getattr(self.op, name)
 
 
@@ -350,7 +358,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     Two passes, each one :func:`all_reduce_sum`: the mean, then the mean squared deviation (the
     biased variance used to normalise; the running variance gets the unbiased one, as
-    ``nn.BatchNorm``). Every rank's shard must have the same size. Differentiable any number of
+    ``nn.BatchNorm``). The shards may differ in size (a partial last batch split by :func:`split`):
+    the sample count is summed across ranks with the first pass. Differentiable any number of
     times; in eval mode, or in one process, it is ``nn.BatchNorm``'s own forward."""
 
     def _check_input_dim(self, x):
@@ -362,8 +371,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = x.numel() // x.shape[1] * world_size()
-        mean = all_reduce_sum(x.sum(dims)) / count
+        # the channel sums and this shard's count in one collective (float32 at least: exact counts)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        sums = all_reduce_sum(torch.cat([x.sum(dims).to(acc), x.new_full((1,), x.numel() // x.shape[1], dtype=acc)]))
+        count = sums[-1].detach()  # values per channel in the global batch, a 0-d tensor
+        mean = sums[:-1].to(x.dtype) / count
         centred = x - mean.view(shape)
         var = all_reduce_sum((centred * centred).sum(dims)) / count
         y = centred * torch.rsqrt(var + self.eps).view(shape)
@@ -374,7 +386,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
                 m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * count / max(count - 1, 1), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1).clamp(min=1), alpha=m)
         return y
 
 

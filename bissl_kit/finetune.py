@@ -27,6 +27,19 @@ Protocol (the official one of spec §2.6, with the changes named):
 Every random draw (head initialisation, batch order, augmentations) comes from (seed, purpose, epoch,
 batch), so a seed reproduces a run on CPU and a resumed run equals an uninterrupted one. The run
 directory holds ``checkpoint.pt`` (atomic; kind ``"finetune"``), ``metrics.jsonl`` and ``config.json``.
+
+Under ``torchrun`` (:mod:`bissl_kit.distributed`) the same run is split over W processes: every rank
+draws the same global batch and augmentation and keeps its part (:func:`~bissl_kit.distributed.split`:
+sizes differ by at most one, the loss weighted so that the mean of the per-rank gradients, which
+DistributedDataParallel computes, is the global batch's); ``batch_size`` stays the global batch.
+A partial last batch is kept when every rank gets at least 2 of its images (in one process: unless it
+holds a single image), so runs on W ranks and on one process use the same batches unless
+``batch_size`` leaves a remainder below 2W. BatchNorm normalises each rank's part unless ``sync_bn``
+(the global batch, :class:`~bissl_kit.distributed.SyncBatchNorm`: then equal to one process); the
+running statistics are averaged across ranks at the end of every epoch, so the replicas stay
+identical. Val and test metrics are computed over the union of the ranks' disjoint parts of the split
+(each sample counted once). Rank 0 alone logs, writes the checkpoint and draws figures; every rank
+resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from . import distributed
 from .augment import augment, downstream_train_spec, normalize
 from .bissl import accuracy_topk
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -74,6 +88,8 @@ class FinetuneConfig(Config):
                       low=0, low_inclusive=False)
     weight_decay: float = param(5e-4, "coupled weight decay of SGD, on all parameters (V2's default 5e-4)", low=0)
     momentum: float = param(0.9, "SGD momentum", low=0, high=1, high_inclusive=False)
+    sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm) instead of each "
+                          "rank's part; no effect in one process")
     # Evaluation
     eval_every: int = param(1, "val top-1/top-5 every this many epochs (and always after the last); 0 = only at the end",
                             low=0)
@@ -97,7 +113,7 @@ class FinetuneConfig(Config):
 # ``test`` only adds the final test evaluation, so a finished search trial can become a seed run.
 # ``backbone_checkpoint`` is compared as a resolved path instead (notebooks and the CLI spell it differently).
 RESUMABLE_FIELDS = frozenset({"progress", "device", "out_dir", "data_root", "checkpoint_every", "test",
-                              "backbone_checkpoint"})
+                              "backbone_checkpoint", "sync_bn"})
 
 
 # ---- the backbone to fine-tune ----------------------------------------------------------------------
@@ -203,16 +219,31 @@ def load_data(downstream: str, pre_cfg, *, labels_per_class=None, labels_seed=0,
 @torch.no_grad()
 def evaluate_split(backbone: nn.Module, head: nn.Module, split, *, mean, std, device="cpu",
                    batch_size: int = 1024) -> dict:
-    """Top-1, top-5 and cross-entropy of (backbone, head) on a split in memory, eval mode (restored after)."""
+    """Top-1, top-5 and cross-entropy of (backbone, head) on a split in memory, eval mode (restored after).
+
+    Under torchrun every rank evaluates its disjoint part of the split and the counts and loss sums are
+    added across ranks (:func:`bissl_kit.distributed.union_metrics`): every rank must call it."""
+    n = len(split)
+    images, labels = split.images, split.labels
+    many = distributed.is_distributed()
+    if many:
+        if n < distributed.world_size():
+            raise ValueError(f"the split has {n} samples, fewer than the {distributed.world_size()} ranks")
+        part = distributed.eval_slice(n)
+        images, labels = images[part], labels[part]
+    dtype = next(head.parameters()).dtype  # the images come as float32; a float64 model gets float64
     modes = backbone.training, head.training
     backbone.eval()
     head.eval()
     try:
-        logits = torch.cat([head(backbone(normalize(split.images[i:i + batch_size].to(device), mean, std))).float().cpu()
-                            for i in range(0, len(split), batch_size)])
+        logits = [head(backbone(normalize(images[i:i + batch_size].to(device), mean, std).to(dtype)))
+                  for i in range(0, len(images), batch_size)]
     finally:
         backbone.train(modes[0])
         head.train(modes[1])
+    if many:  # on the model's device (NCCL reduces GPU tensors)
+        return {**distributed.union_metrics(torch.cat(logits), labels.to(device), n), "n": n}
+    logits = torch.cat([lg.float().cpu() for lg in logits])
     acc = accuracy_topk(logits, split.labels)
     return {"top1": acc[1], "top5": acc[5], "loss": F.cross_entropy(logits, split.labels).item(), "n": len(split)}
 
@@ -224,13 +255,16 @@ class Finetuner:
 
     ``data`` may be shared between runs on the same task (the search does); by default it is loaded
     from the config. A run directory with a checkpoint of the same config resumes; a finished run
-    only adds what is missing (the test evaluation when ``test`` turned True)."""
+    only adds what is missing (the test evaluation when ``test`` turned True). Under torchrun every
+    rank builds one (module docstring)."""
 
     def __init__(self, cfg: FinetuneConfig, *, data: DownstreamData | None = None):
         self.cfg = cfg
+        distributed.init(device=cfg.device)  # under torchrun: join the process group, pick this rank's GPU
         self.device = resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        self.log = MetricsLog(self.out_dir)
+        # rank 0 alone logs and writes checkpoints; every rank resumes from them
+        self.log = MetricsLog(self.out_dir) if distributed.is_main() else distributed.NullLog()
         self.backbone, self.pre_cfg, self.source = load_backbone(cfg.backbone_checkpoint)
         self.source["resolved"] = str(Path(cfg.backbone_checkpoint).resolve())
         if data is None:
@@ -251,9 +285,13 @@ class Finetuner:
         self.optimizer = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         n = len(data.train)
-        # the partial last batch is kept (official DataLoader), except a single image: BatchNorm in train
-        # mode cannot normalise one 1×1 feature map
-        self.drop_last = n % cfg.batch_size == 1
+        w = distributed.world_size()
+        if cfg.batch_size < 2 * w:
+            raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; with {w} ranks it must be at "
+                              f"least {2 * w} (2 images per rank)")
+        # the partial last batch is kept (official DataLoader), except a single image (per rank): BatchNorm in
+        # train mode cannot normalise one 1×1 feature map
+        self.drop_last = 0 < n % cfg.batch_size < 2 * w
         self.steps_per_epoch = n // cfg.batch_size if self.drop_last else math.ceil(n / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epoch = 0                 # finished epochs
@@ -262,6 +300,11 @@ class Finetuner:
         self.result: dict | None = None
         self._reported: dict | None = None  # the reported model's states, once the run is finished
         self._resume()
+        if cfg.sync_bn and distributed.is_distributed():
+            distributed.convert_sync_batchnorm(self.backbone)  # same parameters and buffers, in place
+        # backbone → head; under torchrun through DistributedDataParallel (gradients averaged across ranks,
+        # rank 0's parameters and buffers broadcast when it is built)
+        self.model = distributed.data_parallel(nn.Sequential(self.backbone, self.head))
 
     def parameters(self):
         return list(self.backbone.parameters()) + list(self.head.parameters())
@@ -274,11 +317,15 @@ class Finetuner:
     def _states(self) -> dict:
         return {"backbone": copy.deepcopy(self.backbone.state_dict()), "head": copy.deepcopy(self.head.state_dict())}
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write the checkpoint (rank 0; the other ranks wait until it is written, then return None)."""
+        if not distributed.is_main():
+            distributed.barrier()
+            return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(self.cfg.to_json())
         done = self.result is not None
-        return save_checkpoint(self.checkpoint_path, {
+        path = save_checkpoint(self.checkpoint_path, {
             "kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(), "step": self.epoch,
             "signature": self.backbone.signature(), "pretrain_config": self.pre_cfg.to_dict(),
             "in_channels": self.in_channels, "num_classes": self.data.num_classes, "source": self.source,
@@ -288,6 +335,8 @@ class Finetuner:
             "best": None if done else self.best,
             "reported": self.reported_states() if done else None,
             "history": self.history, "result": self.result})
+        distributed.barrier()  # a Finetuner built next on any rank resumes from this file
+        return path
 
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
@@ -322,16 +371,22 @@ class Finetuner:
             step = epoch * self.steps_per_epoch + b
             lr = self.lr_at(step)
             set_lr(self.optimizer, lr)
+            # the global batch's augmentation (one generator draws every image's parameters), then this
+            # rank's part of it; ``weight`` scales its mean loss to its share of the global mean
             x = augment(images, self.data.train_spec, generator(cfg.seed, "finetune-augment", epoch, b))
-            loss = F.cross_entropy(self.head(self.backbone(x)), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+            (x, labels), weight = distributed.split(x.to(self.head.weight.dtype), labels)
+            loss = F.cross_entropy(self.model(x), labels)
+            if weight != 1.0:
+                loss = loss * weight
+            value = distributed.mean_value(loss.detach())  # the global batch's loss, the same on every rank
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"fine-tuning loss is {value.item()} at epoch {epoch + 1}, step {step + 1} "
                                          f"(lr {lr:.4g}); the last good checkpoint is {str(self.checkpoint_path)!r}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             yield {"kind": "step", "epoch": epoch + (b + 1) / self.steps_per_epoch, "step": step + 1,
-                   "loss": loss.item(), "lr": lr}
+                   "loss": value.item(), "lr": lr}
 
     def evaluate(self, split: str = "val") -> dict:
         """Top-1/top-5/loss of the current model on ``split`` ('val'; 'test' only for final numbers)."""
@@ -343,7 +398,8 @@ class Finetuner:
         """Train to ``cfg.epochs`` and finish; yields step, epoch and final records. ``replay=True`` first
         yields a resumed run's earlier records (to redraw a plot)."""
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         need_final = self.result is None or (cfg.test and "test_top1" not in self.result)
         if self.epoch == 0:
             self.log.clear()  # records of a run killed before its first checkpoint
@@ -351,7 +407,7 @@ class Finetuner:
             self.log.keep(lambda r: r.get("epoch", 0) <= self.epoch and not (need_final and r.get("kind") == "final"))
         if replay:
             yield from self.log.records()
-        bar = progress_bar(cfg.progress and self.epoch < cfg.epochs, total=cfg.epochs, initial=self.epoch,
+        bar = progress_bar(cfg.progress and distributed.is_main() and self.epoch < cfg.epochs, total=cfg.epochs, initial=self.epoch,
                            desc=f"fine-tune {self.data.task}", unit="epoch")
         while self.epoch < cfg.epochs:
             t0 = time.perf_counter()
@@ -361,6 +417,9 @@ class Finetuner:
                 self.log.append(rec)
                 yield rec
             self.epoch += 1
+            # per-part BatchNorm statistics averaged, so every rank evaluates and saves the same model
+            # (with sync_bn they are equal already; in one process this does nothing)
+            distributed.average_buffers(self.backbone, self.head)
             rec = {"kind": "epoch", "epoch": self.epoch, "train_loss": sum(losses) / len(losses),
                    "seconds": time.perf_counter() - t0}
             last = self.epoch == cfg.epochs
@@ -449,7 +508,9 @@ def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "v
                    probe_lr: float = 0.1, probe_weight_decay: float = 0.0, seed: int = 0,
                    device="cpu") -> dict:
     """Weighted k-NN and linear-probe accuracy of a frozen backbone: train-split features → ``split``
-    (val for monitoring, test only for final numbers). Each value comes with its protocol string."""
+    (val for monitoring, test only for final numbers). Each value comes with its protocol string.
+    Under torchrun it uses no collective: every rank computes the whole of it (each sample once, the
+    same numbers on every rank), so a caller may run it on rank 0 alone."""
     from .evaluate import extract_features, knn_accuracy
 
     target = data.val if split == "val" else data.test()
@@ -511,4 +572,8 @@ class FinetuneMonitor:
             self.figure.fig.layout.title.text = f"{self.title}<br><sup>{record['protocol']}</sup>"
 
     def finish(self, stem: str, figures_dir="figures") -> dict:
+        """Export the figure (rank 0 alone under torchrun; the other ranks write and show nothing)."""
+        if not distributed.is_main():
+            from .plots import FigurePaths
+            return FigurePaths()
         return self.figure.finish(stem, figures_dir)

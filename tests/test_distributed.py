@@ -3,10 +3,15 @@
 One module-scoped run starts 2 ranks with ``torch.multiprocessing`` on a free port (killed after
 ``TIMEOUT_S``); each rank runs every check in ``CHECKS`` and saves what it found; the tests compare
 that with the same computation in this (single) process. The models are test_bissl's tiny BN-free
-SimCLR toy and a BatchNorm variant of it.
+SimCLR toy and a BatchNorm variant of it, and for pre-training (SimCLR and BYOL) and fine-tuning the
+real narrow ResNet; one test launches the fine-tuning CLI with ``torchrun`` itself.
 """
+import contextlib
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -131,7 +136,18 @@ def check_hypergradient(out):
         torch.autograd.grad(official_simclr_loss(lower, *shard), params))
     res["official_hvp_local"] = off.hvp(d)                               # V1/V2: rank-local
     res["official_hvp_mean"] = distributed.reduce_mean(res["official_hvp_local"])  # V3: averaged
+    # k products at once through the reduced operator (averaged too), and the wrapped op's rank-local ones
+    op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse"))
+    res["hvp_batched"] = op.hvp_batched(batched_directions(d))
+    try:
+        res["hvp_batched_local"] = op.op.hvp_batched(batched_directions(d))
+    except RuntimeError as e:  # vmap through the gather's collective (torch 2.14: no batching rule)
+        res["hvp_batched_local"] = str(e)
     return res
+
+
+def batched_directions(d):
+    return tuple(torch.stack([di, 1 - 2 * di]) for di in d)
 
 
 def stage_configs():
@@ -206,22 +222,29 @@ def check_batchnorm(out):
     return {name: bn_stage(cfg) for name, cfg in bn_configs().items()}
 
 
-def pretrain_config(out_dir):
+def pretrain_config(out_dir, method="simclr"):
     from bissl_kit.pretrain import PretrainConfig
     return PretrainConfig(steps=1, batch_size=16, warmup_steps=0, width=4, proj_hidden=32, proj_dim=16, knn_every=0,
-                          eval_labels_per_class=5, sync_bn=True, progress=False, device="cpu", out_dir=str(out_dir))
+                          eval_labels_per_class=5, sync_bn=True, progress=False, device="cpu", out_dir=str(out_dir),
+                          method=method)
 
 
-def pretrain_params(out_dir):
-    """One step of the real pre-training loop (ResNet with BatchNorm, float32, SimCLR)."""
-    from bissl_kit.pretrain import Pretrainer
+@contextlib.contextmanager
+def float32_default():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        trainer = Pretrainer(pretrain_config(out_dir))
-        recs = list(trainer.run())
+        yield
     finally:
         torch.set_default_dtype(old)
+
+
+def pretrain_params(out_dir, method="simclr"):
+    """One step of the real pre-training loop (ResNet with BatchNorm, float32)."""
+    from bissl_kit.pretrain import Pretrainer
+    with float32_default():
+        trainer = Pretrainer(pretrain_config(out_dir, method))
+        recs = list(trainer.run())
     return {"params": torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]),
             "loss": [r["loss"] for r in recs if "loss" in r], "knn": [r["knn"] for r in recs if "knn" in r],
             "ddp": type(trainer.loss_fn).__name__}
@@ -229,6 +252,86 @@ def pretrain_params(out_dir):
 
 def check_pretrain(out):
     return pretrain_params(out / "pretrain")
+
+
+def check_byol(out):
+    return pretrain_params(out / "byol", "byol")
+
+
+# ---- fine-tuning: the real ResNet from check_pretrain's checkpoint, in float64 ----------------------------
+
+def _remove_batchnorm(module):
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            _remove_batchnorm(child)
+    return module
+
+
+@contextlib.contextmanager
+def batchnorm_free_backbones():
+    """Fine-tuning loads its backbone with every BatchNorm layer replaced by the identity."""
+    from bissl_kit import finetune as ft
+    load = ft.load_backbone
+
+    def without_bn(path):
+        backbone, pre, source = load(path)
+        return _remove_batchnorm(backbone), pre, source
+
+    ft.load_backbone = without_bn
+    try:
+        yield
+    finally:
+        ft.load_backbone = load
+
+
+def finetune_config(source, out_dir, **kw):
+    """30 digits (3 per class) in global batches of 13: 13 (7 + 6 per rank), 13, then a kept partial 4
+    (2 + 2); val 287 and test 359 images split 144 + 143 and 180 + 179."""
+    from bissl_kit.finetune import FinetuneConfig
+    base = {"backbone_checkpoint": str(source), "labels_per_class": 3, "epochs": 1, "batch_size": 13, "lr": 0.02,
+            "checkpoint_every": 1, "progress": False, "device": "cpu", "out_dir": str(out_dir)}
+    return FinetuneConfig(**{**base, **kw})
+
+
+def finetune_summary(tuner, records):
+    return {"params": torch.cat([t.detach().reshape(-1).double() for m in (tuner.backbone, tuner.head)
+                                 for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]]),
+            "steps": [(r["step"], r["loss"]) for r in records if r["kind"] == "step"],
+            "history": tuner.history, "result": tuner.result, "ddp": type(tuner.model).__name__,
+            "log": type(tuner.log).__name__}
+
+
+def finetune_bn_free(source, out_dir, cut_at_step=None):
+    """Two epochs without BatchNorm; with ``cut_at_step``, killed there (in epoch 2) and resumed."""
+    from bissl_kit.finetune import Finetuner
+    cfg = finetune_config(source, out_dir, epochs=2)
+    with batchnorm_free_backbones():
+        resumed_at = None
+        if cut_at_step is not None:
+            for rec in Finetuner(cfg).run():
+                if rec["kind"] == "step" and rec["step"] == cut_at_step:
+                    break
+        tuner = Finetuner(cfg)
+        resumed_at = tuner.epoch
+        out = finetune_summary(tuner, list(tuner.run()))
+    return {**out, "resumed_at": resumed_at}
+
+
+def finetune_bn(source, out_dir, sync_bn):
+    from bissl_kit.finetune import Finetuner
+    tuner = Finetuner(finetune_config(source, out_dir, sync_bn=sync_bn))
+    return finetune_summary(tuner, list(tuner.run()))
+
+
+def check_finetune(out):
+    distributed.barrier()  # rank 0 has written check_pretrain's checkpoint
+    source, r = out / "pretrain" / "checkpoint.pt", distributed.rank()
+    return {"bn_free": finetune_bn_free(source, out / "ft-bn-free", cut_at_step=5),
+            # a directory per rank: the ranks other than 0 must not create theirs
+            "sync_bn": finetune_bn(source, out / f"ft-sync-{r}", sync_bn=True),
+            "per_rank_bn": finetune_bn(source, out / f"ft-per-rank-{r}", sync_bn=False)}
 
 
 def check_benchmark(out):
@@ -254,8 +357,9 @@ def check_benchmark(out):
     return printed.getvalue()
 
 
-CHECKS = {"benchmark": check_benchmark, "pretrain": check_pretrain, "ntxent": check_ntxent, "split": check_split,
-          "hypergradient": check_hypergradient, "stages": check_stages, "batchnorm": check_batchnorm}
+CHECKS = {"benchmark": check_benchmark, "pretrain": check_pretrain, "byol": check_byol, "finetune": check_finetune,
+          "ntxent": check_ntxent, "split": check_split, "hypergradient": check_hypergradient, "stages": check_stages,
+          "batchnorm": check_batchnorm}
 
 
 def _worker(rank, port, out):
@@ -433,6 +537,116 @@ def test_pretraining_on_two_ranks_is_one_process_with_the_global_batch(ranks, tm
         assert p["knn"] == (ref["knn"] if rank == 0 else [])
     assert (out / "pretrain" / "checkpoint.pt").exists()
     assert sum('"knn"' in ln for ln in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_byol_pretraining_on_two_ranks_is_one_process_with_the_global_batch(ranks, tmp_path):
+    """BYOL's loss is a mean over the rank's pairs, and its target network runs without gradient:
+    DDP (online network) + SyncBatchNorm (online and target) give one process's step up to float32
+    rounding, as SimCLR does."""
+    res, out = ranks
+    ref = pretrain_params(tmp_path / "one", "byol")
+    for r in res:
+        p = r["byol"]
+        assert p["ddp"] == "DistributedDataParallel"
+        assert float((p["params"] - ref["params"]).abs().max()) < 1e-5
+        assert p["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert torch.equal(res[0]["byol"]["params"], res[1]["byol"]["params"])
+    assert (out / "byol" / "checkpoint.pt").exists()
+
+
+def test_batched_hessian_products_through_the_reduced_operator_are_the_full_batch_ones(ranks):
+    """``reduced(op).hvp_batched`` averages across ranks like ``hvp``. No distributed path calls it,
+    but before, ``__getattr__`` handed out the wrapped operator's: through SimCLR's gather its vmap
+    fails (no batching rule for the collective), and on a gather-free loss it would have returned
+    rank-local products."""
+    res, _ = ranks
+    lower, _, batch, _, d = hessian_problem()
+    params = list(lower.backbone.parameters())
+    ref = HessianOperator(lambda b: lower.loss(*b), params, batch, mode="reuse").hvp_batched(batched_directions(d))
+    for r in res:
+        assert rel(r["hypergradient"]["hvp_batched"], ref) < 1e-12
+        local = r["hypergradient"]["hvp_batched_local"]
+        assert ("Batching rule not implemented" in local) if isinstance(local, str) else rel(local, ref) > 0.05
+
+
+def _same_counts(a, b, n):
+    return round(a * n) == round(b * n)
+
+
+def test_finetuning_without_batchnorm_on_two_ranks_with_a_resume_equals_one_process(ranks, tmp_path):
+    """Two epochs, every batch split unevenly (7 + 6) or a partial one kept (2 + 2), killed in epoch 2
+    and resumed from rank 0's checkpoint by both ranks: the parameters, every step's global loss, and
+    val/test metrics over the union of the ranks' parts are one uninterrupted process's."""
+    res, out = ranks
+    ref = finetune_bn_free(out / "pretrain" / "checkpoint.pt", tmp_path / "one")
+    assert len(ref["steps"]) == 6 and (ref["params"] - res[0]["finetune"]["bn_free"]["params"]).abs().max() < 1e-10
+    for rank, r in enumerate(res):
+        f = r["finetune"]["bn_free"]
+        assert f["resumed_at"] == 1 and f["ddp"] == "DistributedDataParallel"
+        assert f["log"] == ("MetricsLog" if rank == 0 else "NullLog")
+        assert float((f["params"] - ref["params"]).abs().max()) < 1e-10
+        assert [s for s, _ in f["steps"]] == [4, 5, 6]  # the resumed part: epoch 2 redone
+        assert torch.allclose(torch.tensor([v for _, v in f["steps"]]), torch.tensor([v for _, v in ref["steps"][3:]]),
+                              rtol=0, atol=1e-10)
+        for a, b in zip(f["history"], ref["history"], strict=True):
+            assert _same_counts(a["val_top1"], b["val_top1"], 287) and _same_counts(a["val_top5"], b["val_top5"], 287)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)  # one process: float32 logits
+            assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-10)
+        fr, rr = f["result"], ref["result"]
+        assert (fr["n_val"], fr["n_test"]) == (rr["n_val"], rr["n_test"]) == (287, 359)
+        for key, n in (("val_top1", 287), ("val_top5", 287), ("test_top1", 359), ("test_top5", 359)):
+            assert _same_counts(fr[key], rr[key], n)
+        assert fr["test_loss"] == pytest.approx(rr["test_loss"], abs=1e-6)
+    assert torch.equal(res[0]["finetune"]["bn_free"]["params"], res[1]["finetune"]["bn_free"]["params"])
+    logged = [json.loads(ln) for ln in (out / "ft-bn-free" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in logged if rec["kind"] == "step"] == list(range(1, 7))  # rank 0, once each
+    assert torch.allclose(torch.tensor([rec["loss"] for rec in logged if rec["kind"] == "step"]),
+                          torch.tensor([v for _, v in ref["steps"]]), rtol=0, atol=1e-10)
+
+
+def test_finetuning_with_batchnorm_is_exact_with_sync_bn_and_per_rank_without(ranks, tmp_path):
+    """Documented behaviour: sync_bn=True normalises with the global batch (one process's run to 1e-10);
+    sync_bn=False normalises each rank's part, so it differs from one process, while the replicas stay
+    identical (running statistics averaged every epoch). Only rank 0 writes: rank 1 was given a run
+    directory of its own, and it does not exist."""
+    res, out = ranks
+    source = out / "pretrain" / "checkpoint.pt"
+    ref = finetune_bn(source, tmp_path / "one", sync_bn=True)
+    assert torch.equal(ref["params"], finetune_bn(source, tmp_path / "one-b", sync_bn=False)["params"])
+    for r in res:
+        assert float((r["finetune"]["sync_bn"]["params"] - ref["params"]).abs().max()) < 1e-10
+        assert _same_counts(r["finetune"]["sync_bn"]["result"]["test_top1"], ref["result"]["test_top1"], 359)
+        assert float((r["finetune"]["per_rank_bn"]["params"] - ref["params"]).abs().max()) > 1e-6
+    assert torch.equal(res[0]["finetune"]["per_rank_bn"]["params"], res[1]["finetune"]["per_rank_bn"]["params"])
+    for name in ("ft-sync", "ft-per-rank"):
+        assert (out / f"{name}-0" / "checkpoint.pt").exists() and (out / f"{name}-0" / "metrics.jsonl").exists()
+        assert not (out / f"{name}-1").exists()
+
+
+def test_the_finetune_cli_runs_under_torchrun(ranks, tmp_path):
+    """``torchrun --nproc-per-node 2 -m bissl_kit finetune ...`` (float32, gloo, SyncBatchNorm): rank 0
+    alone prints and writes; the model is one process's up to float32 rounding."""
+    from bissl_kit.__main__ import main
+    from bissl_kit.finetune import load_finetuned
+    _, out = ranks
+    args = ["finetune", "--backbone-checkpoint", str(out / "pretrain" / "checkpoint.pt"), "--labels-per-class", "3",
+            "--epochs", "1", "--batch-size", "13", "--lr", "0.02", "--device", "cpu", "--progress", "false",
+            "--sync-bn", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "bissl_kit", *args, "--out-dir", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=Path(__file__).parents[1],
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(f"torchrun finetune: {time.perf_counter() - t0:.1f} s")
+    assert proc.stdout.count("done: ") == 1 and "test top-1" in proc.stdout  # rank 0 alone prints
+    with float32_default(), contextlib.redirect_stdout(None):
+        assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
+        two, one = (load_finetuned(tmp_path / d / "checkpoint.pt") for d in ("two", "one"))
+    diff = max(float((a - b).abs().max()) for m in (0, 1)
+               for a, b in zip(two[m].state_dict().values(), one[m].state_dict().values()) if a.is_floating_point())
+    assert diff < 1e-5
 
 
 def test_the_stage_benchmark_runs_on_two_ranks_and_rank_0_reports(ranks):

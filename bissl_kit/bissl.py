@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import data as data_mod
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
@@ -70,7 +71,7 @@ DEFAULT_SOLVER_ITERS = {"layerwise": 5, "cg": 5, "minres": 1}
 class BisslConfig(Config):
     # Inputs
     pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P")
-    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)")
+    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)", choices=tuple(data_mod.DATASETS))
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
     # Stage counts
@@ -211,9 +212,10 @@ class LevelIterator:
     """Batches of one level: walks a permutation of ``n`` items; a new permutation (seeded by the
     stage, like the official ``set_epoch(stage)``) starts when fewer than ``need`` batches remain."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, tag: str):
+    def __init__(self, n: int, batch_size: int, seed: int, tag: str, *, field: str = "batch size"):
         if batch_size > n:
-            raise ConfigError(f"batch size {batch_size} is larger than the {tag} data ({n} items)")
+            raise ConfigError(f"{field}={batch_size} is larger than the {tag} data ({n} items); "
+                              f"{field} must be <= {n}")
         self.n, self.batch_size, self.seed, self.tag = n, batch_size, seed, tag
         self.per_epoch = n // batch_size
         self.epoch, self.pos = 0, 0
@@ -286,8 +288,10 @@ class BisslTrainer:
         self.upper_params = list(upper_backbone.parameters()) + list(head.parameters())
         self.upper_opt = torch.optim.SGD(self.upper_params, lr=cfg.upper_lr, momentum=cfg.upper_momentum,
                                          weight_decay=cfg.upper_weight_decay)
-        self.lower_it = LevelIterator(data.n_pretext, cfg.lower_batch_size, cfg.seed, "bissl-lower")
-        self.upper_it = LevelIterator(data.n_downstream, cfg.upper_batch_size, cfg.seed, "bissl-upper")
+        self.lower_it = LevelIterator(data.n_pretext, cfg.lower_batch_size, cfg.seed, "bissl-lower",
+                                      field="lower_batch_size")
+        self.upper_it = LevelIterator(data.n_downstream, cfg.upper_batch_size, cfg.seed, "bissl-upper",
+                                      field="upper_batch_size")
         self.stage = 0                 # finished stages
         self.lower_step = 0            # finished lower optimiser steps (schedule counter)
         self.upper_step = 0
@@ -363,11 +367,15 @@ class BisslTrainer:
                 with torch.no_grad():
                     feats = self.upper(x)
                 loss = F.cross_entropy(self.head(feats), y)
+                value = distributed.mean_value(loss.detach())
+                if not torch.isfinite(value):
+                    raise FloatingPointError(f"head warm-up loss is {value.item()} at epoch {epoch + 1}, step {b + 1} "
+                                             f"(upper_lr {c.upper_lr:g}); no checkpoint of this run was written")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.all_reduce_mean_(list(self.head.parameters()))
                 opt.step()
-                losses.append(distributed.mean_value(loss.detach()).item())
+                losses.append(value.item())
             self._sync_buffers()
             rec = {"kind": "head_warmup", "epoch": epoch + 1, "loss": sum(losses) / len(losses)}
             if (epoch + 1) % max(c.head_warmup_epochs // 5, 1) == 0 or epoch + 1 == c.head_warmup_epochs:
@@ -455,7 +463,9 @@ class BisslTrainer:
                 try:
                     sol = solver.solve(v)
                 except NonFiniteError as e:
-                    raise FloatingPointError(f"stage {self.stage + 1}, upper step {k + 1}: {e}") from e
+                    raise FloatingPointError(f"hypergradient solve is non-finite at stage {self.stage + 1}, upper step "
+                                             f"{k + 1} ({e}); nonfinite='zero' would replace it by 0 (the official "
+                                             f"behaviour); the last good checkpoint is kept in {str(self.out_dir)!r}") from e
                 if self.solve_observer is not None:
                     self.solve_observer(op, v, sol)
                 # classic term: the upper model itself
@@ -571,7 +581,9 @@ class BisslTrainer:
                    **self.evaluate(), "distance": self.distance(),
                    "pretext_loss": _mean(r["pretext_loss"] for r in lower_recs),
                    "implicit_loss": _mean(r["implicit_loss"] for r in upper_recs),
-                   "classic_loss": _mean(r["classic_loss"] for r in upper_recs)}
+                   "classic_loss": _mean(r["classic_loss"] for r in upper_recs),
+                   # entries of the hypergradient replaced by nan_to_num (nonfinite='zero'); 0 means none
+                   "cg_nonfinite": sum(r["cg_nonfinite"] for r in upper_recs)}
             self.history.append(rec)
             for r in lower_recs + upper_recs:
                 self._log(r)
@@ -709,7 +721,11 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
 
     distributed.init(device=cfg.device)  # under torchrun: join the process group, pick this rank's GPU
     device = resolve_device(cfg.device)
-    lower, pre_cfg = load_pretrained(cfg.pretrain_checkpoint)
+    try:
+        lower, pre_cfg = load_pretrained(cfg.pretrain_checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"pretrain_checkpoint={cfg.pretrain_checkpoint!r} cannot be used: {e}; "
+                              "it must be a pre-training run's checkpoint.pt") from e
     if hasattr(lower, "reset_target"):
         lower.reset_target()  # BYOL: the target restarts from the online weights (spec §2.3)
     data = build_data(cfg, pre_cfg, device)

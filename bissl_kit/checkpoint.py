@@ -22,9 +22,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, truncated, or from another kind or architecture."""
 
 
+def nonfinite_entries(obj: Any, prefix: str = "") -> list[str]:
+    """Names (``model['backbone.bn1.running_var']``) of the floating-point tensors in ``obj`` (nested dicts,
+    lists, tuples) that hold a NaN or an Inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += nonfinite_entries(v, f"{prefix}[{k!r}]" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += nonfinite_entries(v, f"{prefix}[{i}]")
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Atomically write ``payload`` (plus the format number) to ``path``."""
+    """Atomically write ``payload`` (plus the format number) to ``path``.
+
+    A payload with a NaN or Inf in any floating-point tensor is refused with :class:`FloatingPointError`
+    (naming the checkpoint's kind, step and the tensors) and the previous checkpoint is kept: a diverged
+    state (e.g. an overflowed BatchNorm running variance, which a finite training loss does not reveal)
+    must never replace the last good one."""
     path = Path(path)
+    bad = nonfinite_entries(payload)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        kind = payload.get("kind", "unknown")
+        unit = {"bissl": "stage", "finetune": "epoch"}.get(kind, "step")
+        kept = (f"the last good checkpoint {str(path)!r} is kept unchanged" if path.exists()
+                else f"no checkpoint was written to {str(path)!r}")
+        raise FloatingPointError(
+            f"{kind} checkpoint at {unit} {payload.get('step')} not written: non-finite values (NaN/Inf) in "
+            f"{shown}; the run diverged and {kept} (lower the learning rate, or clip gradients)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

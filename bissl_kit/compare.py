@@ -43,7 +43,7 @@ from .finetune import FinetuneConfig, frozen_metrics, load_backbone, load_data, 
 from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates, write_json
 from .optim import LARS, set_lr, warmup_cosine
 from .rng import generator, resolve_device
-from .runlog import progress_bar
+from .runlog import config_conflicts, progress_bar
 
 ARMS = ("baseline", "baseline_matched", "bissl")
 ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
@@ -55,11 +55,13 @@ def parse_task(task: str) -> tuple[str, int | None]:
     """'digits' → ('digits', None); 'fashion_mnist:50' → ('fashion_mnist', 50 labelled images per class)."""
     name, _, n = task.partition(":")
     if name not in data_mod.DATASETS:
-        raise ConfigError(f"task {task!r}: unknown dataset {name!r}; known: {', '.join(data_mod.DATASETS)}")
+        raise ConfigError(f"tasks: {task!r} names an unknown dataset {name!r}; each task must be one of "
+                          f"{', '.join(data_mod.DATASETS)}, optionally with ':N' labels per class")
     if not n:
         return name, None
     if not n.isdigit() or int(n) < 1:
-        raise ConfigError(f"task {task!r}: the part after ':' must be the labelled images per class, an int >= 1")
+        raise ConfigError(f"tasks: {task!r}: the part after ':' must be the labelled images per class, an int >= 1 "
+                          f"(e.g. '{name}:50')")
     return name, int(n)
 
 
@@ -276,6 +278,47 @@ def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | P
     return {**cfg, "finished_stages": ckpt["step"]}
 
 
+# fields that do not change the runs or the numbers already in a results file: a comparison may be re-run
+# with other values of these (more trials or seeds extend the same search)
+RESUMABLE_FIELDS = frozenset({"progress", "device", "data_root", "figures_dir", "figure_stem", "results_dir",
+                              "out_dir", "trials", "seeds"})
+# the fields of CompareConfig that every fine-tuning run of the search copies
+_SEARCH_FIELDS = ("epochs", "batch_size", "momentum", "eval_every", "select", "labels_seed")
+
+
+def check_earlier_results(cfg: CompareConfig, candidates) -> None:
+    """Refuse, before any work, a results file or a search directory written by a comparison with another
+    config: running on would overwrite ``comparison.json`` and ``search.json`` (and every run would fail
+    its own resume check, each failure swallowed as a failed trial)."""
+    results = Path(cfg.results_dir or cfg.out_dir) / "comparison.json"
+    if results.exists():
+        try:
+            saved = json.loads(results.read_text())["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"results_dir: {str(results)!r} is not a comparison.json written by bissl_kit "
+                              f"({type(e).__name__}: {e}); choose another results_dir or delete it") from None
+        conflicts = config_conflicts(saved, cfg, RESUMABLE_FIELDS)
+        if conflicts:
+            raise ConfigError(f"results_dir: {str(results)!r} holds the results of a comparison with another config "
+                              f"({'; '.join(conflicts)}). Choose another results_dir (and out_dir), or delete it.")
+    for task in cfg.tasks:
+        for arm in cfg.arms:
+            path = Path(cfg.out_dir) / _slug(task) / arm / "search.json"
+            if not path.exists():
+                continue
+            saved = json.loads(path.read_text())
+            name, labels = parse_task(task)
+            now = {**{k: getattr(cfg, k) for k in _SEARCH_FIELDS}, "downstream": name, "labels_per_class": labels}
+            diffs = [f"{k}: saved {saved['base'].get(k)!r}, now {v!r}" for k, v in now.items()
+                     if json_norm(saved["base"].get(k)) != json_norm(v)]
+            n = min(len(saved["candidates"]), len(candidates))
+            if json_norm(saved["candidates"][:n]) != json_norm([list(c) for c in candidates[:n]]):
+                diffs.append("the (lr, wd) candidates: search_seed, lr_range or wd_range differ")
+            if diffs:
+                raise ConfigError(f"out_dir: {str(path)!r} holds a search of a comparison with another config "
+                                  f"({'; '.join(diffs)}). Choose another out_dir, or delete it.")
+
+
 def json_norm(v):
     return json.loads(json.dumps(v))
 
@@ -309,7 +352,12 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
     ``on_run(task, arm, what, record)`` is called after each fine-tuning run (a live plot)."""
     t_start = time.perf_counter()
     candidates = sample_candidates(cfg.trials, seed=cfg.search_seed, lr_range=cfg.lr_range, wd_range=cfg.wd_range)
-    pre_ckpt = load_checkpoint(cfg.pretrain_checkpoint, kind="pretrain")
+    try:
+        pre_ckpt = load_checkpoint(cfg.pretrain_checkpoint, kind="pretrain")
+    except CheckpointError as e:
+        raise CheckpointError(f"pretrain_checkpoint={cfg.pretrain_checkpoint!r} cannot be used: {e}; it must be "
+                              "a pre-training run's checkpoint.pt") from e
+    check_earlier_results(cfg, candidates)
     results = {"kind": "bissl_kit comparison", "command": command, "config": cfg.to_dict(),
                "pretrain": {"checkpoint": str(cfg.pretrain_checkpoint), "steps": pre_ckpt["step"],
                             "config": pre_ckpt["config"]},

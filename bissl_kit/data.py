@@ -511,7 +511,8 @@ def load_downstream(name, split, *, root=None, image_size=None, labels_per_class
             idx = _carve(all_labels, split)
 
     if split == "train" and labels_per_class is not None:
-        idx = idx[_take_per_class(all_labels[idx], labels_per_class, seed, f"{name} train")]
+        idx = idx[_take_per_class(all_labels[idx], labels_per_class, seed,
+                                  f"labels_per_class={labels_per_class} on {name} train")]
     labels = torch.from_numpy(all_labels[idx].copy())
     if images is not None:
         return Split(name, split, labels, info.num_classes, images=_resize(images[torch.from_numpy(idx)], image_size),

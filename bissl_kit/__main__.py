@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import shlex
@@ -23,8 +24,10 @@ import typing
 
 from . import distributed
 from .bissl import FAST_MODE, PAPER_MODE, BisslConfig
+from .checkpoint import CheckpointError
 from .compare import CompareConfig
 from .config import Config, ConfigError
+from .data import DataNotFoundError
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
 
@@ -84,15 +87,22 @@ def config_from_args(cls: type[Config], args: argparse.Namespace, base: dict | N
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bissl_kit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
+    stage_parsers = {}
     for name, cls in STAGES.items():
-        p = sub.add_parser(name, help=f"run the {name} stage", argument_default=argparse.SUPPRESS)
+        p = stage_parsers[name] = sub.add_parser(name, help=f"run the {name} stage", argument_default=argparse.SUPPRESS)
         p.add_argument("--config", help="JSON file with config fields (e.g. a run's config.json)")
         if name == "bissl":
             p.add_argument("--paper-mode", dest="paper_mode", action="store_true", default=False,
                            help="start from the official algorithm's values (PAPER_MODE) instead of ours (FAST_MODE); "
                                 "options given override them")
         add_config_options(p, cls)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a misspelt option: the stage's usage, and the closest option it has
+        p = stage_parsers[args.stage]
+        known = [o for a in p._actions for o in a.option_strings]
+        close = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u, known, n=1)]
+        p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; `python -m bissl_kit {args.stage} --help` lists the options")
     try:
         base = None
         if args.stage == "bissl":
@@ -104,6 +114,15 @@ def main(argv=None) -> int:
     # join the process group now, and let rank 0 alone print (errors still reach stderr on every rank)
     if distributed.init(device=getattr(cfg, "device", None)) and not distributed.is_main():
         sys.stdout = open(os.devnull, "w")
+    try:
+        return _run(args, cfg, argv)
+    except (ConfigError, CheckpointError, DataNotFoundError) as e:
+        # bad input found once files are opened (a checkpoint of another kind, a run directory of another
+        # config, a dataset that is not there): the message says what and where, a traceback adds nothing
+        stage_parsers[args.stage].exit(2, f"{parser.prog} {args.stage}: error: {e}\n")
+
+
+def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
     if args.stage == "pretrain":
         last = None
         for rec in Pretrainer(cfg).run():

@@ -265,7 +265,10 @@ class Finetuner:
         self.out_dir = Path(cfg.out_dir)
         # rank 0 alone logs and writes checkpoints; every rank resumes from them
         self.log = MetricsLog(self.out_dir) if distributed.is_main() else distributed.NullLog()
-        self.backbone, self.pre_cfg, self.source = load_backbone(cfg.backbone_checkpoint)
+        try:
+            self.backbone, self.pre_cfg, self.source = load_backbone(cfg.backbone_checkpoint)
+        except CheckpointError as e:
+            raise CheckpointError(f"backbone_checkpoint={cfg.backbone_checkpoint!r} cannot be used: {e}") from e
         self.source["resolved"] = str(Path(cfg.backbone_checkpoint).resolve())
         if data is None:
             data = load_data(cfg.downstream, self.pre_cfg, labels_per_class=cfg.labels_per_class,

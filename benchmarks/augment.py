@@ -1,8 +1,9 @@
 """Batched per-sample augmentation (bissl_kit.augment) vs a per-image torchvision v2 pipeline.
 
 Both sides run the same ops on the same uint8 batch: RandomResizedCrop + horizontal flip + colour
-jitter (p) (+ random grayscale for RGB) + normalise, with the spec's parameters. Cases:
-  * embedded: 1 channel, 28 px (Fashion-MNIST-like), crop + flip + brightness/contrast, bilinear;
+jitter (p) (+ random grayscale for RGB) (+ low resolution (p)) + normalise, with the spec's parameters. Cases:
+  * embedded: 1 channel, 28 px (Fashion-MNIST-like), crop (no flip) + brightness/contrast + low
+    resolution (p 0.5, r 6..12 px), bilinear;
   * paper:    3 channels, 96 px (STL10-like), the §2.4 chain without blur/solarize (bicubic);
   * with --blur, also view 1 + view 2 of the §2.4 chain as specified (blur, solarize), both sides.
 Throughput = images / median wall time of one batch over --repeats runs (after a warm-up run).
@@ -35,6 +36,22 @@ from bissl_kit.augment import (  # noqa: E402
 TARGET_SPEEDUP = 10.0
 
 
+class RandomLowResolution:
+    """Per image, with probability p: resize to r×r, r uniform in lowres_size (bilinear, antialiased),
+    and back to its size (bilinear)."""
+
+    def __init__(self, p: float, sizes: tuple[int, int]):
+        self.p, self.sizes = p, sizes
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return img
+        r = int(torch.randint(self.sizes[0], self.sizes[1] + 1, ()))
+        side = list(img.shape[-2:])
+        small = T.functional.resize(img, [r, r], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        return T.functional.resize(small, side, interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+
+
 def torchvision_pipeline(spec: AugmentSpec, channels: int) -> T.Compose:
     """The per-image equivalent of `spec` (torchvision v2 transforms on one C×H×W uint8 tensor)."""
     mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[spec.interpolation]
@@ -49,6 +66,8 @@ def torchvision_pipeline(spec: AugmentSpec, channels: int) -> T.Compose:
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=spec.blur_sigma)], p=spec.blur_p))
     mean, std = (spec.mean, spec.std) if spec.mean is not None else default_mean_std(channels)
     ops.append(T.ToDtype(torch.float32, scale=True))
+    if spec.lowres_p > 0:  # after the blur, on floats, as ours
+        ops.append(RandomLowResolution(spec.lowres_p, spec.lowres_size))
     if spec.solarize_p > 0:  # on floats, so the threshold is the same 128/255 as ours
         ops.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=spec.solarize_p))
     ops.append(T.Normalize(mean, std))

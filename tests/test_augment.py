@@ -14,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 
 from bissl_kit.augment import (
     GRAY_MEAN, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, AugmentSpec, ViewParams, apply_params,
-    augment, downstream_train_spec, normalize, sample_params, simclr_specs, two_views,
+    augment, downstream_train_spec, low_resolution, normalize, sample_params, simclr_specs, two_views,
 )
 
 ATOL = 1e-5  # float32 agreement with torchvision's functionals (same maths, other operation order)
@@ -44,7 +44,8 @@ def identity_params(n, h, w):
         jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64).repeat(n, 1),
         jitter_order=torch.arange(4).repeat(n, 1),
         gray=torch.zeros(n, dtype=torch.bool), blur=torch.zeros(n, dtype=torch.bool),
-        blur_sigma=torch.zeros(n, dtype=torch.float64), solarize=torch.zeros(n, dtype=torch.bool))
+        blur_sigma=torch.zeros(n, dtype=torch.float64), solarize=torch.zeros(n, dtype=torch.bool),
+        lowres=torch.zeros(n, dtype=torch.bool), lowres_size=torch.zeros(n, dtype=torch.int64))
 
 
 IDENTITY_CROP = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
@@ -333,10 +334,68 @@ def test_solarize_matches_torchvision():
 
 def test_op_probabilities():
     n = 2000
-    spec = AugmentSpec(8, flip_p=0.5, gray_p=0.2, blur_p=0.1, solarize_p=0.2)
+    spec = AugmentSpec(8, flip_p=0.5, gray_p=0.2, blur_p=0.1, solarize_p=0.2, lowres_p=0.3, lowres_size=(2, 6))
     p = sample_params(n, 8, 8, spec, gen())
-    for got, want in ((p.flip, 0.5), (p.gray, 0.2), (p.blur, 0.1), (p.solarize, 0.2)):
+    for got, want in ((p.flip, 0.5), (p.gray, 0.2), (p.blur, 0.1), (p.solarize, 0.2), (p.lowres, 0.3)):
         assert abs(got.float().mean().item() - want) < 5 * math.sqrt(want * (1 - want) / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# low resolution (ours)
+# ----------------------------------------------------------------------------------------------
+def test_lowres_sizes_are_uniform_integers_in_the_range_and_zero_where_off():
+    n = 3000
+    p = sample_params(n, 16, 16, AugmentSpec(16, lowres_p=0.5, lowres_size=(6, 12)), gen())
+    r = p.lowres_size[p.lowres]
+    assert p.lowres_size.dtype == torch.int64 and (p.lowres_size[~p.lowres] == 0).all()
+    counts = torch.bincount(r, minlength=13)[6:13].double()
+    assert counts.sum() == len(r) and (counts > 0).all() and r.min() >= 6 and r.max() <= 12
+    expected = len(r) / 7
+    assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_lowres_matches_per_image_torchvision_resize_down_and_up(channels):
+    n = 10
+    x = images(n, channels, 16, 16)
+    spec = raw_spec(16, channels, lowres_p=0.7, lowres_size=(3, 16), **IDENTITY_CROP)
+    params = sample_params(n, 16, 16, spec, gen(2))
+    assert params.lowres.any() and not params.lowres.all()
+    out = apply_params(x, params, spec)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    for i in range(n):
+        r = int(params.lowres_size[i])
+        if r == 0:
+            torch.testing.assert_close(out[i], x[i], atol=ATOL, rtol=0)  # untouched (identity crop: grid rounding)
+            continue
+        small = TF.resize(x[i], [r, r], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        ref = TF.resize(small, [16, 16], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        torch.testing.assert_close(out[i], ref, atol=ATOL, rtol=0)
+
+
+def test_lowres_off_is_the_identity_and_on_changes_every_image():
+    x = images(8, 1, 20, 20)
+    base = raw_spec(16, 1)
+    off = augment(x, base, gen(4))
+    torch.testing.assert_close(augment(x, dataclasses.replace(base, lowres_p=0.0, lowres_size=(2, 3)), gen(4)),
+                               off, atol=0, rtol=0)
+    on = augment(x, dataclasses.replace(base, lowres_p=1.0, lowres_size=(4, 8)), gen(4))
+    assert on.shape == off.shape
+    assert ((on - off).flatten(1).abs().amax(1) > 0.05).all()  # every view lost detail
+    # r = S is the identity (both resizes are at scale 1)
+    same = low_resolution(off, torch.full((8,), 16))
+    torch.testing.assert_close(same, off, atol=1e-6, rtol=0)
+
+
+def test_lowres_same_seed_same_views_and_other_draws_unchanged():
+    x = images(6, 1, 16, 16)
+    spec = AugmentSpec(16, lowres_p=0.5, lowres_size=(6, 12), mean=(0.5,), std=(0.5,))
+    a, b = augment(x, spec, gen(9)), augment(x, spec, gen(9))
+    assert torch.equal(a, b) and not torch.equal(a, augment(x, spec, gen(10)))
+    p0 = sample_params(32, 16, 16, dataclasses.replace(spec, lowres_p=0.0), gen(3))
+    p1 = sample_params(32, 16, 16, spec, gen(3))
+    for field in ("box", "flip", "jitter", "jitter_order", "gray", "blur", "solarize"):
+        assert torch.equal(getattr(p0, field), getattr(p1, field))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,12 +405,18 @@ def test_presets():
     v1, v2 = simclr_specs(28, 1)
     assert v1 == v2 and v1.jitter == (0.4, 0.4, 0.0, 0.0) and v1.blur_p == 0 and v1.solarize_p == 0
     assert v1.mean == (0.5,) and v1.ratio == (3 / 4, 4 / 3) and v1.interpolation == "bilinear"
+    # the embedded gray chain (Fashion-MNIST -> digits): no flip, a low-resolution view; RGB keeps its flip
+    assert v1.flip_p == 0.0 and v1.lowres_p == 0.5 and v1.lowres_size == (6, 12)
+    assert simclr_specs(8, 1)[0].lowres_size == (6, 8)  # capped at the image size
+    rgb = simclr_specs(28, 3)[0]
+    assert rgb.flip_p == 0.5 and rgb.lowres_p == 0.0
     p1, p2 = simclr_specs(96, 3, paper=True)
     for v in (p1, p2):
         assert v.ratio == (0.5, 1.0) and v.scale == (0.08, 1.0) and v.interpolation == "bicubic"
         assert v.jitter == (0.4, 0.4, 0.2, 0.1) and v.jitter_p == 0.8 and v.gray_p == 0.2
         assert v.mean == IMAGENET_MEAN and v.std == IMAGENET_STD and v.blur_sigma == (0.1, 2.0)
     assert (p1.blur_p, p1.solarize_p, p2.blur_p, p2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert p1.flip_p == p2.flip_p == 0.5 and p1.lowres_p == p2.lowres_p == 0.0
     d = downstream_train_spec(96, 3, paper=True)
     assert d.jitter_p == 0 and d.gray_p == 0 and d.blur_p == 0 and d.ratio == (0.5, 1.0)
     with pytest.raises(ValueError, match="RGB"):
@@ -364,14 +429,23 @@ def test_presets():
     ("jitter", (0.4, 0.4, 0.2, 0.6)), ("jitter", (0.4, 0.4)), ("jitter_p", -0.1), ("gray_p", 2),
     ("blur_p", 1.1), ("blur_sigma", (0.0, 2.0)), ("solarize_p", -1), ("interpolation", "nearest"),
     ("std", (1.0, 1.0)), ("std", (0.0,)), ("std", None), ("scale", 0.5), ("jitter", None),
-    ("blur_sigma", (0.1, float("nan"))),
+    ("blur_sigma", (0.1, float("nan"))), ("lowres_p", 1.5), ("lowres_size", (0, 4)), ("lowres_size", (5, 4)),
+    ("lowres_size", (4.0, 6)), ("lowres_size", 6),
 ])
 def test_validation_errors_name_the_field(field, value):
     kwargs = {"size": 8, field: value}
+    if field == "lowres_size":
+        kwargs["lowres_p"] = 0.5
     if field == "std":
         kwargs["mean"] = (0.5,)
     with pytest.raises(ValueError, match=rf"AugmentSpec\.{field} "):
         AugmentSpec(**kwargs)
+
+
+def test_lowres_size_above_the_output_size_is_an_error_only_when_used():
+    AugmentSpec(8, lowres_size=(6, 12))  # off: the default range needs no checking against size
+    with pytest.raises(ValueError, match=r"AugmentSpec\.lowres_size .*<= size \(8\)"):
+        AugmentSpec(8, lowres_p=0.5, lowres_size=(6, 12))
 
 
 def test_lists_from_json_configs_become_tuples():

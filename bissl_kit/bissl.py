@@ -748,7 +748,7 @@ def load_lower_backbone(path: str | Path):
     from .pretrain import PretrainConfig
 
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
-    pre = PretrainConfig.from_dict(ckpt["meta"]["pretrain_config"])
+    pre = PretrainConfig.from_saved(ckpt["meta"]["pretrain_config"])
     backbone = build_backbone(pre.arch, in_channels=ckpt["meta"]["in_channels"], width=pre.width,
                               small_stem=pre.small_stem)
     prefix = "backbone."

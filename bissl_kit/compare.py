@@ -185,7 +185,7 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
     level's LARS settings and schedule (λ = 0: no proximal term, no upper level); resumable; returns the
     checkpoint (kind ``pretext_matched``). As in BiSSL, a BYOL target restarts from the online weights."""
     from .augment import two_views
-    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, load_pretrained, pretext_view_specs
+    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, SAVED_DEFAULTS, load_pretrained, pretext_view_specs
 
     out = Path(out_dir)
     path = out / "checkpoint.pt"
@@ -199,7 +199,7 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
     pre_id = {k: v for k, v in pre.to_dict().items() if k not in PRE_RESUMABLE}
     if path.exists():
         ckpt = load_checkpoint(path, kind=MATCHED_KIND)
-        saved_pre = {k: v for k, v in ckpt["pretrain_config"].items() if k not in PRE_RESUMABLE}
+        saved_pre = {k: v for k, v in {**SAVED_DEFAULTS, **ckpt["pretrain_config"]}.items() if k not in PRE_RESUMABLE}
         if ckpt["settings"] != s or saved_pre != pre_id:
             raise CheckpointError(f"{str(out)!r} holds a matched continuation of another pretext run or with other "
                                   f"settings ({ckpt['settings']} vs {s}); choose another out_dir or delete it")

@@ -5,6 +5,16 @@ training samples with the highest cosine similarity s vote for their class with 
 the class with the largest total wins. k and T are part of the protocol and are printed beside every
 number (:func:`knn_protocol`).
 
+BatchNorm statistics of the frozen features. In eval mode a BN layer normalises with the running
+statistics its buffers hold. After pre-training those are a momentum average of the last few
+*augmented* batches; at random initialisation they are the buffers' initial values (mean 0, var 1),
+so BN is the identity and a random network is an un-normalised random conv net, whose pooled features
+approximate a pixel-space kernel (on 8×8 digits a strong one). Comparing a trained backbone with a
+random one "as they are" therefore compares two normalisation protocols. :func:`estimate_bn_stats`
+("precise BN") gives a *copy* of the backbone whose running statistics are the exact average over a
+fixed set of un-augmented images (the pre-training monitor uses pretext images: no downstream data,
+no labels); applied to every network alike, random and trained are compared like for like.
+
 The linear probe (:func:`linear_probe`) is a multinomial logistic regression on frozen features,
 standardised with the train split's per-dimension mean and standard deviation, trained by mini-batch
 SGD with momentum and a cosine schedule from a zero initialisation. The problem is convex, so the seed
@@ -13,6 +23,7 @@ only orders the batches; its hyper-parameters are printed beside every number (:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -24,11 +35,47 @@ from .augment import normalize
 from .rng import generator
 
 
+def _local_batchnorm(module: nn.Module) -> None:
+    """Make every synchronised BatchNorm of ``module`` (a private copy) an ordinary one, in place: the
+    statistics are estimated in one process (the k-NN monitor runs on rank 0 alone, so a
+    synchronising layer would wait for ranks that never come). Parameters and buffers are kept; the
+    backbones here are 2-D conv nets, so a synchronised layer becomes a ``BatchNorm2d``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d,
+                                                                              nn.BatchNorm3d):
+            m.__class__ = nn.BatchNorm2d
+
+
+@torch.no_grad()
+def estimate_bn_stats(backbone: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int = 512,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """A copy of ``backbone``, in eval mode, whose BN running statistics are estimated on the uint8
+    ``images`` (N×C×H×W, normalised with mean/std, no augmentation): "precise BN".
+
+    Every BN layer's statistics are reset and re-accumulated as a cumulative average (momentum None)
+    of the per-batch statistics over the batches of ``images`` in train mode (one batch: exactly the
+    images' mean and unbiased variance; equal batches: the exact mean and the mean within-batch
+    variance), each layer seeing the output of the layers before it in train mode. ``backbone`` itself (parameters, buffers, train/eval mode) is not
+    touched. A backbone without BN layers is returned as an eval-mode copy."""
+    bb = copy.deepcopy(backbone).to(device)
+    _local_batchnorm(bb)
+    bns = [m for m in bb.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs by its share, whatever the order
+    if bns:
+        bb.train()
+        for i in range(0, len(images), batch_size):
+            bb(normalize(images[i:i + batch_size].to(device), mean, std))
+    return bb.eval()
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int = 512,
                      device: str | torch.device = "cpu") -> torch.Tensor:
     """Pooled features of uint8 ``images`` (N×C×H×W) in eval mode (BN running statistics, no
-    augmentation); the backbone's train/eval mode is restored afterwards."""
+    augmentation); the backbone's train/eval mode is restored afterwards. For features under
+    re-estimated BN statistics, pass ``estimate_bn_stats(backbone, ...)`` (once for all splits)."""
     was_training = backbone.training
     backbone.eval()
     try:

@@ -156,7 +156,7 @@ def load_upper_backbone(path):
     from .pretrain import PretrainConfig
 
     ckpt = load_checkpoint(path, kind="bissl")
-    pre = PretrainConfig.from_dict(ckpt["meta"]["pretrain_config"])
+    pre = PretrainConfig.from_saved(ckpt["meta"]["pretrain_config"])
     backbone = build_backbone(pre.arch, in_channels=ckpt["meta"]["in_channels"], width=pre.width,
                               small_stem=pre.small_stem)
     backbone.load_state_dict(ckpt["state"]["upper"])
@@ -183,7 +183,7 @@ def load_finetuned_backbone(path) -> Stage:
     ckpt = load_checkpoint(path, kind="finetune")
     kind = (ckpt.get("source") or {}).get("kind", "?")
     short, label = FINETUNE_SOURCES.get(kind, (kind, f"fine-tuned ({kind})"))
-    pre = PretrainConfig.from_dict(ckpt["pretrain_config"])
+    pre = PretrainConfig.from_saved(ckpt["pretrain_config"])
     return Stage(f"finetuned_{short}", "finetuned", label, backbone.eval(), pre,
                  f"{path} ({cfg.epochs} epochs, lr {cfg.lr:g}, wd {cfg.weight_decay:g}, from a {kind} checkpoint)",
                  (cfg.downstream, cfg.labels_per_class))

@@ -126,7 +126,7 @@ def load_backbone(path: str | Path):
     ckpt = load_checkpoint(path)
     kind = ckpt.get("kind")
     if kind == "pretrain":
-        pre = PretrainConfig.from_dict(ckpt["config"])
+        pre = PretrainConfig.from_saved(ckpt["config"])
         model = build_model(pre, ckpt["in_channels"])
         model.load_state_dict(ckpt["model"])
         return model.backbone, pre, {"kind": kind, "path": str(path), "steps": ckpt["step"]}
@@ -137,7 +137,7 @@ def load_backbone(path: str | Path):
         return backbone, pre, {"kind": kind, "path": str(path), "stages": ckpt["step"],
                                "lower_steps": ckpt["step"] * cfg["lower_steps"]}
     if kind == "pretext_matched":
-        pre = PretrainConfig.from_dict(ckpt["pretrain_config"])
+        pre = PretrainConfig.from_saved(ckpt["pretrain_config"])
         model = build_model(pre, ckpt["in_channels"])
         model.load_state_dict(ckpt["model"])
         return model.backbone, pre, {"kind": kind, "path": str(path), "extra_steps": ckpt["step"]}
@@ -151,7 +151,7 @@ def load_finetuned(path: str | Path):
 
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
     cfg = FinetuneConfig.from_dict(ckpt["config"])
-    pre = PretrainConfig.from_dict(ckpt["pretrain_config"])
+    pre = PretrainConfig.from_saved(ckpt["pretrain_config"])
     backbone = build_backbone(pre.arch, in_channels=ckpt["in_channels"], width=pre.width, small_stem=pre.small_stem)
     head = linear_head(backbone.feat_dim, ckpt["num_classes"])
     states = ckpt["reported"] if ckpt.get("reported") is not None else ckpt["model"]

@@ -24,7 +24,7 @@ def test_defaults_are_valid_and_round_trip():
     ("crop_scale", (0.5, 0.2), "crop_scale=(0.5, 0.2) must be (low, high)"),
     ("crop_scale", (0.2,), "must have 2 elements"),
     ("device", "tpu", "device='tpu' must be"),
-    ("warmup_steps", 400, "warmup_steps=400 must be < steps=300"),
+    ("warmup_steps", 400, "warmup_steps=400 must be < steps=200"),
     ("clip_grad_norm", -1.0, "clip_grad_norm=-1.0 is out of range"),
 ])
 def test_bad_values_name_the_field_and_the_allowed_range(field, value, needle):

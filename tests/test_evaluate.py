@@ -1,10 +1,17 @@
-"""Weighted k-NN against hand-computed cases."""
+"""Weighted k-NN against hand-computed cases; the linear probe; BN statistics of frozen features."""
 import math
 
 import pytest
 import torch
+from torch import nn
 
-from bissl_kit.evaluate import knn_accuracy, knn_predict
+from bissl_kit.augment import normalize
+from bissl_kit.evaluate import (
+    estimate_bn_stats,
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+)
 
 
 def test_weighted_vote_by_hand():
@@ -105,3 +112,41 @@ def test_probe_protocol_and_argument_errors():
         linear_probe(xt, yt, xt, yt, lr=-1)
     with pytest.raises(ValueError, match="same D"):
         linear_probe(xt, yt, xt[:, :1], yt)
+
+
+# ---- BN statistics of frozen features ("precise BN") ------------------------------------------------
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_estimate_bn_stats_is_the_images_statistics_on_a_copy():
+    net = _bn_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = (torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    est = estimate_bn_stats(net, x, mean=(0.5,), std=(0.5,), batch_size=64)
+    z = net[0](normalize(x, (0.5,), (0.5,)))
+    torch.testing.assert_close(est[1].running_mean, z.mean((0, 2, 3)))
+    torch.testing.assert_close(est[1].running_var, z.var((0, 2, 3), unbiased=True))
+    assert not est.training and est[1].momentum is None
+    # the original: same parameters and buffers, still in train mode, its BN momentum kept
+    assert net.training and net[1].momentum == 0.1
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # equal batches: the running mean is still the exact mean over all images
+    est2 = estimate_bn_stats(net, x, mean=(0.5,), std=(0.5,), batch_size=10)
+    torch.testing.assert_close(est2[1].running_mean, z.mean((0, 2, 3)))
+    # and the features then use them: eval-mode features of the copy differ from the identity-BN net's
+    f_as_held = extract_features(net, x, mean=(0.5,), std=(0.5,))
+    f_est = extract_features(est, x, mean=(0.5,), std=(0.5,))
+    assert f_as_held.shape == f_est.shape == (40, 3) and not torch.allclose(f_as_held, f_est)
+
+
+def test_estimate_bn_stats_makes_synchronised_bn_local_on_the_copy_only():
+    from bissl_kit.distributed import SyncBatchNorm, convert_sync_batchnorm
+    net = convert_sync_batchnorm(_bn_net())
+    x = (torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    est = estimate_bn_stats(net, x, mean=(0.5,), std=(0.5,))
+    assert type(est[1]) is nn.BatchNorm2d and type(net[1]) is SyncBatchNorm
+    torch.testing.assert_close(est[1].running_mean, net[0](normalize(x, (0.5,), (0.5,))).mean((0, 2, 3)))

@@ -106,3 +106,50 @@ def test_byol_runs_and_moves_its_target(tiny_pretrain):
 def test_batch_larger_than_dataset_is_rejected_before_training(tiny_pretrain):
     with pytest.raises(ConfigError, match="batch_size=100000 is larger than the pretext set"):
         Pretrainer(tiny_pretrain.replace(batch_size=100000))
+
+
+# ---- the k-NN monitor's BN protocols and the embedded augmentation ---------------------------------
+
+def test_knn_records_both_bn_protocols_and_leaves_the_model_untouched(tiny_pretrain):
+    trainer = Pretrainer(tiny_pretrain)
+    trainer.model.train()
+    before = params_of(trainer.model)
+    rec = trainer._knn_record()  # random init: what step 0 logs
+    assert set(rec["knn_by_bn"]) == {"pretext", "running"} and rec["knn"] == rec["knn_by_bn"]["pretext"]
+    assert "BN statistics re-estimated on 5120 un-augmented pretext images" in rec["protocol"]
+    assert trainer.model.training  # the mode is kept, and no parameter or BN buffer moved
+    assert_same(before, params_of(trainer.model))
+    assert len(trainer.bn_images) == 5120 and trainer.bn_images.dtype == torch.uint8
+    # the fixed BN images do not depend on the seed; 'running' is the backbone as it is
+    other = Pretrainer(tiny_pretrain.replace(seed=3, out_dir=tiny_pretrain.out_dir + "_s3"))
+    assert torch.equal(other.bn_images, trainer.bn_images)
+    running = trainer.knn("running")
+    assert running.accuracy == rec["knn_by_bn"]["running"]
+    rec2 = Pretrainer(tiny_pretrain.replace(knn_bn="running", out_dir=tiny_pretrain.out_dir + "_r"))._knn_record()
+    assert rec2["knn"] == rec2["knn_by_bn"]["running"] == running.accuracy and "as held" in rec2["protocol"]
+
+
+def test_embedded_views_have_no_flip_and_a_low_resolution_view_paper_keeps_its_flip():
+    from bissl_kit.pretrain import PretrainConfig, pretext_view_specs
+    cfg = PretrainConfig()
+    assert cfg.flip_p is None and cfg.lowres_p is None and cfg.knn_bn == "pretext"
+    v = pretext_view_specs(cfg, 1)[0]
+    assert (v.flip_p, v.lowres_p, v.lowres_size, v.scale) == (0.0, 0.5, (6, 12), (0.3, 1.0))
+    v = pretext_view_specs(cfg.replace(flip_p=0.5, lowres_p=0.0, lowres_size=(4, 8)), 1)[0]
+    assert (v.flip_p, v.lowres_p, v.lowres_size) == (0.5, 0.0, (4, 8))
+    paper = pretext_view_specs(cfg.replace(paper_augment=True), 3)
+    assert all(s.flip_p == 0.5 and s.lowres_p == 0.0 for s in paper)
+    with pytest.raises(ConfigError, match="lowres_size"):
+        PretrainConfig(lowres_size=(6, 20))
+
+
+def test_a_config_saved_before_lowres_and_knn_bn_reads_as_what_it_ran():
+    from bissl_kit.pretrain import PretrainConfig, pretext_view_specs
+    old = PretrainConfig().to_dict()
+    del old["lowres_p"], old["lowres_size"], old["knn_bn"]
+    old["flip_p"] = 0.5
+    cfg = PretrainConfig.from_saved(old)
+    assert (cfg.lowres_p, cfg.knn_bn, cfg.flip_p) == (0.0, "running", 0.5)
+    v = pretext_view_specs(cfg, 1)[0]
+    assert v.lowres_p == 0.0 and v.flip_p == 0.5
+    assert PretrainConfig.from_saved(PretrainConfig().to_dict()) == PretrainConfig()  # new ones unchanged

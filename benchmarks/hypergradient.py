@@ -50,6 +50,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import device_name, flat, sync  # noqa: E402  (benchmarks/_common.py)
 from bissl_kit.implicit import (  # noqa: E402
     OFFICIAL_CG_ITERS, OFFICIAL_DAMPING, OFFICIAL_LAMBDA, RECOMMENDED_SOLVER,
     HessianOperator, HypergradientSolver, hypergradient,
@@ -251,15 +252,6 @@ def pretrained_state(args):
     return state, path
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
 # --- one mode, in a child process ------------------------------------------------------------------
 
 def current_rss_bytes():
@@ -398,12 +390,6 @@ def without_option(argv, name):
         elif not a.startswith(name + "="):
             out.append(a)
     return out
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def main(argv=None):

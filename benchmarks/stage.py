@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import device_name, flat, sync  # noqa: E402  (benchmarks/_common.py)
 from bissl_kit import distributed  # noqa: E402
 from bissl_kit.bissl import FAST_MODE, PAPER_MODE, BisslConfig, build_trainer  # noqa: E402
 from bissl_kit.implicit import HessianOperator, cg_solve  # noqa: E402
@@ -128,15 +128,6 @@ def stage_config(args, mode: str, ckpt: Path, out_dir: str) -> BisslConfig:
         "upper_steps": args.upper_steps, "head_warmup_epochs": 0, "damping": args.damping,
         "lower_batch_size": args.batch, "upper_batch_size": args.batch, "device": args.device,
         "out_dir": out_dir, "progress": False, "sync_bn": args.sync_bn})
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def flat(ts) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
 
 
 def run_stage(cfg: BisslConfig):
@@ -239,19 +230,13 @@ def main(argv=None):
                                                  results=results), indent=1))
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
 def report(args, results, ref_info):
     print(f"\nDevice: {device_name(args.device)}; torch {torch.__version__}")
     w = distributed.world_size()
     print(f"Processes: {w}" + (f" (torchrun; global batch {args.batch}, {args.batch // w} per rank; BatchNorm "
                                f"{'over the global batch' if args.sync_bn else 'per rank'})" if w > 1 else ""))
     print(f"Stage: N_L {args.lower_steps}, N_U {args.upper_steps}, K {args.cg_iters} (paper modes); "
-          f"batch {args.batch}; narrow ResNet-18 width {args.width} at {args.image_size} px, pre-trained "
+          f"batch {args.batch}; ResNet-18 width {args.width} at {args.image_size} px, pre-trained "
           f"{args.pretrain_steps} SimCLR steps; λ = 1e-3, δ = {args.damping:g}; repeats {args.repeats}")
     ok = ref_info["converged"] and ref_info["true_rel_residual"] <= 2 * args.ref_rtol
     print(f"Reference x* (step 1): MINRES, {ref_info['iterations']} iterations, true relative residual "

@@ -57,7 +57,7 @@ def one_thread():
 
 def tiny_pretrain(out_dir, **kw) -> PretrainConfig:
     base = dict(steps=4, batch_size=16, warmup_steps=1, width=4, proj_hidden=16, proj_dim=8, image_size=8,
-                knn_every=0, checkpoint_every=2, progress=False, device="cpu", out_dir=str(out_dir))
+                knn_every=0, knn_bn="running", checkpoint_every=2, progress=False, device="cpu", out_dir=str(out_dir))
     return PretrainConfig(**{**base, **kw})
 
 
@@ -544,8 +544,8 @@ def state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-PRETRAIN_ARGS = ("--steps", 40, "--batch-size", 16, "--warmup-steps", 2, "--width", 4, "--image-size", 8,
-                 "--proj-hidden", 16, "--proj-dim", 8, "--knn-every", 0, "--checkpoint-every", 4, "--device", "cpu",
+PRETRAIN_ARGS = ("--steps", 24, "--batch-size", 16, "--warmup-steps", 2, "--width", 4, "--image-size", 8,
+                 "--proj-hidden", 16, "--proj-dim", 8, "--knn-every", 0, "--knn-bn", "running", "--checkpoint-every", 4, "--device", "cpu",
                  "--progress", "false")
 
 
@@ -554,19 +554,19 @@ def test_killed_pretraining_resumes_to_the_same_bits(tmp_path):
     proc = start_cli(tmp_path, "pretrain", *PRETRAIN_ARGS, "--out-dir", out)
     kill_after_checkpoints(proc, out / "checkpoint.pt", 2)
     killed_at = load_checkpoint(out / "checkpoint.pt", kind="pretrain")["step"]
-    assert 4 <= killed_at < 40  # killed mid-run, after a checkpoint
+    assert 4 <= killed_at < 24  # killed mid-run, after a checkpoint
     done = subprocess.run([sys.executable, "-m", "bissl_kit", "pretrain", *map(str, PRETRAIN_ARGS), "--out-dir", out],
                           cwd=tmp_path, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
-    full = Pretrainer(PretrainConfig(steps=40, batch_size=16, warmup_steps=2, width=4, image_size=8, proj_hidden=16,
-                                     proj_dim=8, knn_every=0, checkpoint_every=4, progress=False, device="cpu",
+    full = Pretrainer(PretrainConfig(steps=24, batch_size=16, warmup_steps=2, width=4, image_size=8, proj_hidden=16,
+                                     proj_dim=8, knn_every=0, knn_bn="running", checkpoint_every=4, progress=False, device="cpu",
                                      out_dir=str(tmp_path / "full")))
     list(full.run())
     resumed = load_checkpoint(out / "checkpoint.pt", kind="pretrain")
-    assert resumed["step"] == 40
+    assert resumed["step"] == 24
     assert state_equal(resumed["model"], full.model.state_dict())
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == list(range(1, 41))  # the steps redone after the kill are logged once
+    assert steps == list(range(1, 25))  # the steps redone after the kill are logged once
 
 
 def test_killed_bissl_run_resumes_to_the_same_bits(ws, tmp_path):

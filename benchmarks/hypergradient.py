@@ -50,7 +50,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import device_name, flat, sync  # noqa: E402  (benchmarks/_common.py)
+from benchmarks._common import device_name, flat, sync  # noqa: E402
 from bissl_kit.implicit import (  # noqa: E402
     OFFICIAL_CG_ITERS, OFFICIAL_DAMPING, OFFICIAL_LAMBDA, RECOMMENDED_SOLVER,
     HessianOperator, HypergradientSolver, hypergradient,

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import device_name, flat, sync  # noqa: E402  (benchmarks/_common.py)
+from benchmarks._common import device_name, flat, sync  # noqa: E402
 from bissl_kit import distributed  # noqa: E402
 from bissl_kit.bissl import FAST_MODE, PAPER_MODE, BisslConfig, build_trainer  # noqa: E402
 from bissl_kit.implicit import HessianOperator, cg_solve  # noqa: E402

@@ -156,9 +156,11 @@ def stage_configs():
     return {"paper": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B), 1e-10),
             "fast-previous": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B,
                                       **{**fast, "warm_start": "previous"}), 1e-10),
+            "fast": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B, **fast), 1e-10),
             # deflated CG solves with a pseudo-inverse cut at √ε (bissl_kit.implicit.KrylovMemory): which
             # Krylov directions survive the cut depends on rounding, so the two sides agree to ~1e-9
-            "fast": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B, **fast), 1e-8)}
+            "cg-recycle": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B,
+                                   **{**fast, "solver": "cg", "cg_iters": 5, "warm_start": "recycle"}), 1e-8)}
 
 
 def check_stages(out):

@@ -69,6 +69,7 @@ class BisslDashboard:
         fig.update_yaxes(range=[-1.05, 1.05], row=1, col=2)
         # one tick per decade (the default labels every minor tick 2…9 when the range is short)
         fig.update_yaxes(type="log", dtick=1, exponentformat="power", row=2, col=2)
+        fig.update_xaxes(dtick=1, row=2, col=2)  # iterations are whole numbers (the default K = 1 got 0.2 steps)
         fig.update_yaxes(tickformat=".1%", row=3, col=2)
         # width: exports only; live, the widget takes the notebook's width (LiveFigure). The legend sits
         # between the title and the top panels with room for both.

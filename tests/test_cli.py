@@ -8,17 +8,9 @@ import pytest
 
 from bissl_kit.__main__ import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process runs are tiny: a second thread only waits for a busy core (see tests/test_finetune.py)."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(*args, cwd):

@@ -16,13 +16,7 @@ from bissl_kit.finetune import FinetuneConfig, load_backbone, load_data
 from bissl_kit.hpo import run_search, sample_candidates, select_best
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits for a busy core (see tests/test_finetune.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from bissl_kit.finetune import (FinetuneConfig, Finetuner, accuracy_topk, evalua
 from bissl_kit.pretrain import PretrainConfig, pretrain
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread gains nothing, and on a busy 2-core machine every parallel
-    region waits for it (measured: a 6-step run took 35 s with 2 threads, 1.3 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_runs(root):

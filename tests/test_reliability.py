@@ -44,13 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 FMNIST_RAW = REPO / "data" / "FashionMNIST" / "raw"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits for a busy core (see tests/test_finetune.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- the tiniest run of every stage ------------------------------------------------------------------------

@@ -274,7 +274,7 @@ class Pretrainer:
             loss = self.loss_fn(v1, v2)
         value = distributed.mean_value(loss.detach())  # the global batch's loss
         if not torch.isfinite(value):
-            raise FloatingPointError(f"pre-training loss is {value.item()} at step {step} (lr {lr:.4g}); "
+            raise FloatingPointError(f"pre-training loss is {value.item()} at step {step + 1} of {cfg.steps} (lr {lr:.4g}); "
                                      f"the last good checkpoint is {str(self.checkpoint_path)!r}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

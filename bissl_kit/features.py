@@ -48,7 +48,7 @@ from torch import nn
 from . import data as data_mod
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, param
-from .evaluate import extract_features, knn_accuracy, linear_probe
+from .evaluate import estimate_bn_stats, extract_features, knn_accuracy, linear_probe
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -94,6 +94,10 @@ class FeaturesConfig(Config):
     probe_epochs: int = param(100, "linear-probe epochs", low=1)
     probe_lr: float = param(0.1, "linear-probe SGD learning rate", low=0, low_inclusive=False)
     probe_weight_decay: float = param(0.0, "linear-probe weight decay", low=0)
+    bn: str = param("pretext", "BatchNorm statistics of every stage's features: 'pretext' = re-estimated on a copy "
+                    "over 5,120 fixed un-augmented pretext images (notebook 01's k-NN protocol; the same for every "
+                    "stage), 'running' = as each checkpoint holds them (a random init's are the identity)",
+                    choices=("pretext", "running"))
     # Running
     seed: int = param(0, "seed of UMAP, the probe and the pictured subset", low=0)
     device: str = param("cpu", "'cpu', 'cuda' or 'cuda:N' for feature extraction")
@@ -341,10 +345,15 @@ def load_task(name: str, labels_per_class: int | None, split: str, pre_cfg, *, d
                     np.asarray(ev.indices), train.num_classes, view.mean, view.std)
 
 
-def stage_features(stage: Stage, data: TaskData, *, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(train features, eval features) of a stage's backbone: pooled, eval-mode BatchNorm, no augmentation."""
-    backbone = stage.backbone.to(device)
+def stage_features(stage: Stage, data: TaskData, *, device="cpu",
+                   bn_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train features, eval features) of a stage's backbone: pooled, eval-mode BatchNorm, no augmentation.
+    With ``bn_images`` (uint8 pretext images) the BN statistics are re-estimated on them first, on a copy."""
     kw = dict(mean=data.mean, std=data.std, device=device)
+    if bn_images is None:
+        backbone = stage.backbone.to(device)
+    else:
+        backbone = estimate_bn_stats(stage.backbone, bn_images, **kw)
     return extract_features(backbone, data.train_images, **kw), extract_features(backbone, data.eval_images, **kw)
 
 
@@ -494,6 +503,7 @@ class FeatureAnalysis:
     def protocol_text(self) -> str:
         d = self.data
         return "\n".join([f"task: {d.task}, train → {d.split} ({len(d.train_labels)} → {len(d.eval_labels)} images)",
+                          f"features: {self.protocols['bn']}",
                           f"k-NN: {self.protocols['knn']}", f"probe: {self.protocols['probe']}",
                           f"separability: {self.protocols['silhouette']}", f"pictures: {self.protocols['umap']}"])
 
@@ -518,8 +528,15 @@ def measure(cfg: FeaturesConfig, *, log=print) -> FeatureAnalysis:
     t0 = time.perf_counter()
     results, protocols = [], {}
     pictured = stratified_subset(data.eval_labels, cfg.max_points, cfg.seed)
+    from .pretrain import KNN_BN_PROTOCOLS, knn_bn_images
+    bn_images = None
+    if cfg.bn == "pretext":
+        pre = stages[0].pre_cfg
+        bn_images = knn_bn_images(data_mod.load_pretext(pre.pretext_dataset, root=cfg.data_root,
+                                                        image_size=pre.image_size))
+    protocols["bn"] = KNN_BN_PROTOCOLS[cfg.bn]
     for st in stages:
-        train_f, eval_f = stage_features(st, data, device=device)
+        train_f, eval_f = stage_features(st, data, device=device, bn_images=bn_images)
         scores = knn_predict(train_f, data.train_labels, eval_f, k=cfg.knn_k, temperature=cfg.knn_temperature,
                              num_classes=data.num_classes)
         pred = scores.argmax(1)
@@ -662,7 +679,8 @@ def metrics_figure(analysis: FeatureAnalysis, *, width: int = LAPTOP_WIDTH) -> "
     fig.update_xaxes(tickangle=0)
     p = analysis.protocols
     d = analysis.data
-    foot = "<br>".join([f"{d.task}: {d.split} split, {len(d.train_labels)} train → {len(d.eval_labels)} eval images",
+    foot = "<br>".join([f"{d.task}: {d.split} split, {len(d.train_labels)} train → {len(d.eval_labels)} eval images; "
+                        f"{p['bn']}",
                         f"k-NN: {p['knn'].split(', ' + str(len(d.train_labels)))[0]}",
                         f"probe: {p['probe'].split('), ')[0]})",
                         f"silhouette: {analysis.cfg.metric} distance in feature space, true classes"])

@@ -121,6 +121,13 @@ class PretrainConfig(Config):
 SAVED_DEFAULTS = {"lowres_p": 0.0, "knn_bn": "running"}
 # The k-NN monitor's BN protocols (PretrainConfig.knn_bn), as printed beside its numbers.
 KNN_BN_IMAGES = 5120  # fixed pretext images of the 'pretext' protocol (the same for every seed and run)
+def knn_bn_images(images: torch.Tensor) -> torch.Tensor:
+    """The fixed pretext images of the 'pretext' BN protocol: drawn with seed 0 whatever the run's seed,
+    so that every run, seed and pipeline stage (notebook 04) is measured alike."""
+    pick = torch.randperm(len(images), generator=generator(0, "knn-bn"))[:KNN_BN_IMAGES]
+    return images[pick]
+
+
 KNN_BN_PROTOCOLS = {
     "pretext": f"BN statistics re-estimated on {KNN_BN_IMAGES} un-augmented pretext images",
     "running": "BN running statistics as held (identity at random init)",
@@ -186,10 +193,7 @@ class Pretrainer:
                                                   labels_per_class=cfg.eval_labels_per_class)
         self.knn_val = data_mod.load_downstream(cfg.eval_dataset, "val", root=cfg.data_root,
                                                 image_size=cfg.image_size)
-        # the fixed images of the k-NN monitor's 'pretext' BN protocol: seed 0 whatever cfg.seed, so that
-        # every run and seed is measured alike
-        pick = torch.randperm(len(self.images), generator=generator(0, "knn-bn"))[:KNN_BN_IMAGES]
-        self.bn_images = self.images[pick]
+        self.bn_images = knn_bn_images(self.images)
         self.model = build_model(cfg, channels).to(self.device)
         self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum)

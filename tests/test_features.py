@@ -63,6 +63,26 @@ def test_every_stage_loads_and_extraction_has_the_right_shapes_and_repeats_exact
     assert all(not torch.allclose(feats[a], feats[b]) for i, a in enumerate(keys) for b in keys[i + 1:])
 
 
+def test_pretext_bn_protocol_re_estimates_on_a_copy_for_every_stage_alike(runs):
+    from bissl_kit.data import load_pretext
+    from bissl_kit.evaluate import estimate_bn_stats, extract_features
+    from bissl_kit.pretrain import knn_bn_images
+    stages, _ = collect_stages(explicit(runs, stages=("random", "pretrained")), log=lambda _: None)
+    data = load_task("digits", None, "val", stages[0].pre_cfg)
+    bn_images = knn_bn_images(load_pretext(image_size=8))
+    for s in stages:
+        before = {k: v.clone() for k, v in s.backbone.state_dict().items()}
+        _, held = stage_features(s, data)
+        _, pretext = stage_features(s, data, bn_images=bn_images)
+        assert all(torch.equal(before[k], v) for k, v in s.backbone.state_dict().items())  # the stage's own BN untouched
+        assert not torch.allclose(held, pretext)
+        copy = estimate_bn_stats(s.backbone, bn_images, mean=data.mean, std=data.std)
+        assert torch.equal(pretext, extract_features(copy, data.eval_images, mean=data.mean, std=data.std))
+    # the analysis states which statistics its numbers used
+    assert "re-estimated" in measure(explicit(runs, stages=("random", "pretrained"), probe_epochs=1)).protocols["bn"]
+    assert "as held" in measure(explicit(runs, stages=("random", "pretrained"), probe_epochs=1, bn="running")).protocols["bn"]
+
+
 def test_random_init_is_step_zero_of_the_pretraining_run(runs):
     from bissl_kit.pretrain import build_model
     stages, _ = collect_stages(explicit(runs, stages=("random", "pretrained")), log=lambda _: None)

@@ -374,7 +374,7 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
         entry = {"task": task, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test()),
                  "bissl_run": {"dir": str(bissl_run), **{k: bissl_cfg[k] for k in (
                      "stages", "lower_steps", "upper_steps", "lower_batch_size", "upper_batch_size", "gamma", "lam",
-                     "damping", "solver", "upper_lr", "upper_weight_decay", "seed")}},
+                     "damping", "solver", "cg_iters", "upper_lr", "upper_weight_decay", "seed")}},
                  "matched_extra_steps": bissl_cfg["stages"] * bissl_cfg["lower_steps"], "arms": {}, "paired": []}
         pre_backbone = load_backbone(cfg.pretrain_checkpoint)[0]
         loaded = {arm: load_backbone(backbones[arm]) for arm in cfg.arms}
@@ -501,8 +501,9 @@ def protocol_text(results: dict) -> str:
             f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
             f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
             f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
-            f"solver {b['solver']}; matched baseline: +{t['matched_extra_steps']} pretext steps. "
-            + (f"Backbones moved from the pretext one by (relative L2 of the parameters) "
+            f"solver {b['solver']}{(' × ' + str(b['cg_iters'])) if b.get('cg_iters') else ''}; "
+            f"matched baseline: +{t['matched_extra_steps']} pretext steps. "
+            + ("Backbones moved from the pretext one by (relative L2 of the parameters) "
                + ", ".join(f"{ARM_LABELS[a]} {d:.3g}" for a, d in t["distance_from_pretext"].items())
                + (f"; BiSSL vs matched {t['distance_bissl_to_matched']:.3g}" if "distance_bissl_to_matched" in t else "")
                + ". " if "distance_from_pretext" in t else "") +

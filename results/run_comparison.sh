@@ -1,31 +1,32 @@
 #!/usr/bin/env bash
 # The committed comparison (results/comparison.{json,csv,md}, figures/05_comparison.png), exactly as it was
-# run: from the repository root, on the 2-core CPU machine shared with several other jobs (load average
-# ≈ 10), one thread per process, niced. The two tasks' chains ran side by side; the last command re-reads
-# every finished run and writes the combined results. Every stage resumes, so running this again only
-# re-reads finished runs and redoes what is missing.
+# run: from the repository root, on the 2-core CPU machine, one thread per process, niced. The two tasks'
+# chains run side by side; the last command re-reads every finished run and writes the combined results.
+# Every stage resumes, so running this again only re-reads finished runs and redoes what is missing.
+# Everything lives under $RUNS, so that runs of older defaults elsewhere in runs/ are never mixed in.
 set -euo pipefail
 export OMP_NUM_THREADS=1
 PY="nice -n 10 .venv/bin/python"
+RUNS=${RUNS:-runs/comparison}
 BISSL="--stages 6 --lower-steps 10 --upper-steps 4 --lower-batch-size 128 --upper-batch-size 128 --progress false"
-SEARCH="--trials 4 --seeds 5 --epochs 10 --out-dir runs/compare --progress false"
+SEARCH="--trials 4 --seeds 5 --epochs 10 --out-dir $RUNS/compare --progress false"
 
 # 1. The shared pretext checkpoint: the embedded default pre-training (notebook 01's defaults; a finished
-#    run in runs/pretrain is only re-read).
-$PY -m bissl_kit pretrain --out-dir runs/pretrain --progress false
+#    run in $RUNS/pretrain is only re-read).
+$PY -m bissl_kit pretrain --out-dir $RUNS/pretrain --progress false
 
 # 2. Per task: a BiSSL run from that checkpoint (the embedded preset, i.e. our fast mode, at notebook 02's
 #    demo settings), then the search and the seeds of the compute-matched baseline and of BiSSL.
 chain() {  # task, BiSSL options, BiSSL run directory
-    $PY -m bissl_kit bissl --pretrain-checkpoint runs/pretrain/checkpoint.pt $2 --out-dir "$3" $BISSL
-    $PY -m bissl_kit compare --pretrain-checkpoint runs/pretrain/checkpoint.pt --tasks "$1" --bissl-runs "$3" \
-        --arms bissl baseline_matched $SEARCH --results-dir "runs/compare/partial_${1/:/_}"
+    $PY -m bissl_kit bissl --pretrain-checkpoint $RUNS/pretrain/checkpoint.pt $2 --out-dir "$3" $BISSL
+    $PY -m bissl_kit compare --pretrain-checkpoint $RUNS/pretrain/checkpoint.pt --tasks "$1" --bissl-runs "$3" \
+        --arms bissl baseline_matched $SEARCH --results-dir "$RUNS/compare/partial_${1/:/_}"
 }
-chain digits "--downstream digits" runs/compare/bissl_digits &
-chain fashion_mnist:50 "--downstream fashion_mnist --labels-per-class 50" runs/compare/bissl_fashion_mnist_50 &
+chain digits "--downstream digits" $RUNS/bissl_digits &
+chain fashion_mnist:50 "--downstream fashion_mnist --labels-per-class 50" $RUNS/bissl_fashion_mnist_50 &
 wait
 
 # 3. The combined results.
-$PY -m bissl_kit compare --pretrain-checkpoint runs/pretrain/checkpoint.pt \
-    --tasks digits fashion_mnist:50 --bissl-runs runs/compare/bissl_digits runs/compare/bissl_fashion_mnist_50 \
+$PY -m bissl_kit compare --pretrain-checkpoint $RUNS/pretrain/checkpoint.pt \
+    --tasks digits fashion_mnist:50 --bissl-runs $RUNS/bissl_digits $RUNS/bissl_fashion_mnist_50 \
     --arms baseline_matched bissl $SEARCH --results-dir results --figures-dir figures

@@ -514,26 +514,23 @@ def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "v
     (val for monitoring, test only for final numbers). Each value comes with its protocol string.
     Under torchrun it uses no collective: every rank computes the whole of it (each sample once, the
     same numbers on every rank), so a caller may run it on rank 0 alone."""
-    from .evaluate import extract_features, knn_accuracy
+    from .evaluate import extract_features, knn_accuracy, linear_probe
 
     target = data.val if split == "val" else data.test()
     kw = dict(mean=data.mean, std=data.std, device=device)
     train_f = extract_features(backbone, data.train.images, **kw)
     eval_f = extract_features(backbone, target.images, **kw)
+    # trained backbones only (pre-trained, BiSSL, fine-tuned): their BN statistics were estimated in
+    # training; a random init's were not (notebooks 01 and 04 re-estimate them for that comparison)
+    bn = "BN statistics as held"
     knn = knn_accuracy(train_f, data.train.labels, eval_f, target.labels, k=knn_k, temperature=knn_temperature,
                        num_classes=data.num_classes)
-    out = {"knn": knn.accuracy, "knn_protocol": f"{data.task} {split}, {knn.protocol()}"}
+    out = {"knn": knn.accuracy, "knn_protocol": f"{data.task} {split}, {knn.protocol()}, {bn}"}
     if probe:
-        try:
-            from .evaluate import linear_probe
-        except ImportError:  # added by the features work (issue 6); the k-NN number stands alone until then
-            out["probe"] = None
-            out["probe_protocol"] = "linear probe unavailable (bissl_kit.evaluate.linear_probe not present)"
-            return out
         res = linear_probe(train_f, data.train.labels, eval_f, target.labels, epochs=probe_epochs, lr=probe_lr,
                            weight_decay=probe_weight_decay, seed=seed, num_classes=data.num_classes)
         out["probe"] = res.accuracy
-        out["probe_protocol"] = f"{data.task} {split}, {res.protocol()}"
+        out["probe_protocol"] = f"{data.task} {split}, {res.protocol()}, {bn}"
     return out
 
 

@@ -662,7 +662,9 @@ def metrics_figure(analysis: FeatureAnalysis, *, width: int = LAPTOP_WIDTH) -> "
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    labels = [s.label.replace(" (", "<br>(") for s in analysis.stages]
+    # two-line labels: five one-line ones overlap under the narrower silhouette panel at laptop width
+    labels = [s.label.replace(" (", "<br>(") if " (" in s.label else s.label.replace(" ", "<br>", 1)
+              for s in analysis.stages]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.09,
                         subplot_titles=("top-1 accuracy on the frozen features", "class separability (silhouette)"))
     for name, attr, colour in (("k-NN", "knn", "#1f77b4"), ("linear probe", "probe", "#ff7f0e")):

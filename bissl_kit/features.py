@@ -665,7 +665,7 @@ def metrics_figure(analysis: FeatureAnalysis, *, width: int = LAPTOP_WIDTH) -> "
     # two-line labels: five one-line ones overlap under the narrower silhouette panel at laptop width
     labels = [s.label.replace(" (", "<br>(") if " (" in s.label else s.label.replace(" ", "<br>", 1)
               for s in analysis.stages]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.09,
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.57, 0.43], horizontal_spacing=0.09,
                         subplot_titles=("top-1 accuracy on the frozen features", "class separability (silhouette)"))
     for name, attr, colour in (("k-NN", "knn", "#1f77b4"), ("linear probe", "probe", "#ff7f0e")):
         vals = [getattr(s, attr) for s in analysis.stages]
@@ -679,6 +679,7 @@ def metrics_figure(analysis: FeatureAnalysis, *, width: int = LAPTOP_WIDTH) -> "
     hi = max(0.05, max(sil)) * 1.25
     fig.update_yaxes(title_text="mean silhouette", range=[lo, hi], zeroline=True, zerolinecolor="#999", row=1, col=2)
     fig.update_xaxes(tickangle=0)
+    fig.update_xaxes(tickfont_size=11, row=1, col=2)
     p = analysis.protocols
     d = analysis.data
     foot = "<br>".join([f"{d.task}: {d.split} split, {len(d.train_labels)} train → {len(d.eval_labels)} eval images; "

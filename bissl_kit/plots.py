@@ -210,7 +210,9 @@ def knn_comparison(rows: list[tuple[str, float]], protocol: str, title: str) -> 
     """Bar chart of k-NN accuracies (label, accuracy) with the protocol under the title."""
     fig = go.Figure(go.Bar(x=[r[0] for r in rows], y=[r[1] for r in rows],
                            text=[f"{r[1]:.1%}" for r in rows], textposition="outside",
-                           marker_color=["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"][:len(rows)]))
+                           # one colour per network, lighter under the as-held ('running') BN protocol
+                           marker_color=["#7f7f7f" if "random" in r[0].lower() else "#1f77b4" for r in rows],
+                           marker_opacity=[0.5 if "running" in r[0].lower() else 1.0 for r in rows]))
     fig.update_layout(title=dict(text=f"{title}<br><sup>{protocol}</sup>"), height=380, width=560,
                       yaxis=dict(title="top-1 accuracy", tickformat=".0%", range=[0, 1.08]),
                       margin=dict(t=80, b=50))

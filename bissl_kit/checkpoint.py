@@ -22,6 +22,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, truncated, or from another kind or architecture."""
 
 
+class RunConflictError(CheckpointError):
+    """A run folder holds a run with another config: resuming it would mix two runs, starting afresh
+    would overwrite it. Always the user's choice, never a failed trial to record and skip."""
+
+
 def nonfinite_entries(obj: Any, prefix: str = "") -> list[str]:
     """Names (``model['backbone.bn1.running_var']``) of the floating-point tensors in ``obj`` (nested dicts,
     lists, tuples) that hold a NaN or an Inf."""

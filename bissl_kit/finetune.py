@@ -59,7 +59,7 @@ from . import data as data_mod
 from . import distributed
 from .augment import augment, downstream_train_spec, normalize
 from .bissl import accuracy_topk
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, RunConflictError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
 from .models import build_backbone, linear_head
 from .optim import set_lr, warmup_cosine
@@ -349,7 +349,7 @@ class Finetuner:
         if ckpt["source"]["resolved"] != self.source["resolved"]:
             conflicts.append(f"backbone_checkpoint: saved {ckpt['source']['resolved']!r}, now {self.source['resolved']!r}")
         if conflicts:
-            raise CheckpointError(
+            raise RunConflictError(
                 f"{str(self.out_dir)!r} holds a fine-tuning run with another config ({'; '.join(conflicts)}). "
                 f"Choose another out_dir, or delete {str(self.checkpoint_path)!r} to start afresh.")
         self.backbone.load_state_dict(ckpt["model"]["backbone"])

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import RunConflictError
+from .config import ConfigError
 from .finetune import DownstreamData, FinetuneConfig, finetune
 from .rng import generator
 
@@ -80,6 +82,8 @@ def _attempt(cfg: FinetuneConfig, data: DownstreamData | None) -> dict:
     """Run one fine-tuning to its end; a failure becomes a record instead of an exception."""
     try:
         return {"status": "ok", **finetune(cfg, data=data)}
+    except (ConfigError, RunConflictError):
+        raise  # the user's input, not the trial's luck: every other trial would hit it too
     except Exception as e:  # noqa: BLE001 - one failed run must not lose the others (KeyboardInterrupt passes)
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
 

@@ -123,6 +123,19 @@ def test_search_selects_on_val_and_never_reads_test(base, data, tmp_path):
     assert [t["val_top1"] for t in other["trials"]] != [t["val_top1"] for t in clean["trials"]]
 
 
+def test_a_trial_folder_of_another_config_stops_the_search_instead_of_counting_as_failed(base, data, tmp_path):
+    """A search killed before its first search.json leaves only trial folders; rerun with another config,
+    each trial would fail the same way, and recording them as failed trials would hide the user's error."""
+    from bissl_kit.checkpoint import RunConflictError
+    out = tmp_path / "search"
+    run_search(base, [(0.01, 1e-4)], seeds=0, out_dir=out, data=data)
+    (out / "search.json").unlink()
+    before = (out / "trial_00" / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunConflictError, match="trial_00' holds a fine-tuning run with another config .*epochs"):
+        run_search(base.replace(epochs=base.epochs + 1), [(0.01, 1e-4)], seeds=0, out_dir=out, data=data)
+    assert (out / "trial_00" / "checkpoint.pt").read_bytes() == before
+
+
 def test_a_failed_trial_keeps_the_others_and_a_rerun_resumes(base, data, tmp_path):
     candidates = [(0.01, 1e-4), (1e8, 0.0), (0.05, 1e-4)]  # lr 1e8 makes the loss non-finite
     out = tmp_path / "search"

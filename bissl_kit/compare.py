@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
 from .finetune import FinetuneConfig, frozen_metrics, load_backbone, load_data, task_name
@@ -350,6 +351,12 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
     """Run (or resume) every arm's search and final seeds on every task; write and return the results.
 
     ``on_run(task, arm, what, record)`` is called after each fine-tuning run (a live plot)."""
+    if distributed.launched():
+        # every rank would run every search and write the same results files; a failed trial on one
+        # rank alone would leave the others waiting in a collective
+        raise ConfigError("compare (the search and the seeds) runs as one process, not under torchrun: launch "
+                          "'python -m bissl_kit compare ...' without torchrun; its fine-tuning runs are small, "
+                          "and pre-training, BiSSL and finetune are the stages that scale out")
     t_start = time.perf_counter()
     candidates = sample_candidates(cfg.trials, seed=cfg.search_seed, lr_range=cfg.lr_range, wd_range=cfg.wd_range)
     try:

@@ -73,7 +73,8 @@ __all__ = ["init", "is_distributed", "world_size", "rank", "local_rank", "is_mai
 
 # ---- the process group -------------------------------------------------------------------------------
 
-def _launched() -> bool:
+def launched() -> bool:
+    """True in a process that torchrun (or another launcher setting WORLD_SIZE > 1) started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -86,7 +87,7 @@ def init(backend: str | None = None, *, device: str | None = None, timeout_s: fl
     of several."""
     if not dist.is_available():
         return False
-    if not dist.is_initialized() and _launched():
+    if not dist.is_initialized() and launched():
         if backend is None:
             on_cpu = device is not None and str(device).startswith("cpu")
             backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"

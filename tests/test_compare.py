@@ -237,3 +237,13 @@ def test_05_results_notebook_runs_headless(sources, tmp_path, monkeypatch):
     assert "mean diff" in text and "BiSSL" in text and "no committed results" in text
     assert (tmp_path / "fig" / "05_demo_comparison.html").exists()
     assert (tmp_path / "cmp" / "comparison.json").exists()
+
+
+def test_compare_refuses_to_run_under_torchrun_before_any_work(monkeypatch, tmp_path):
+    """Every rank would run every search and write the same files: a clear error, nothing written."""
+    from bissl_kit.compare import run_comparison
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
+    cfg = CompareConfig(out_dir=str(tmp_path / "compare"), results_dir=str(tmp_path / "results"), progress=False)
+    with pytest.raises(ConfigError, match="runs as one process, not under torchrun"):
+        run_comparison(cfg)
+    assert not (tmp_path / "compare").exists() and not (tmp_path / "results").exists()

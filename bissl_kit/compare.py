@@ -473,15 +473,23 @@ def comparison_table(results: dict) -> str:
     """The Markdown tables the README quotes: per arm, then the paired differences, then the protocol."""
     lines = ["| task | pipeline | n | test top-1 % (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
              "| k-NN test % | linear probe test % |", "|---|---|---|---|---|---|---|---|"]
+    edges = []
     for t in results["tasks"]:
         for arm, a in t["arms"].items():
             m1, m5 = a["test_top1"], a["test_top5"]
             top1 = f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" if m1 else "failed"
             top5 = f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
             label = ARM_LABELS[arm] + (f" (+{t['matched_extra_steps']} pretext steps)" if arm == "baseline_matched" else "")
+            # results written before the search recorded its edges carry none
+            edge = a["chosen"].get("edges") or []
+            if edge:
+                edges.append(f"{t['task']}, {ARM_LABELS[arm]}: {'; '.join(edge)}")
             lines.append(f"| {t['task']} | {label} | {m1['n'] if m1 else 0} | {top1} | {top5} | "
-                         f"{a['chosen']['lr']:.3g} / {a['chosen']['weight_decay']:.3g} | {_pct(a['frozen']['knn'])} | "
-                         f"{_pct(a['frozen'].get('probe'))} |")
+                         f"{a['chosen']['lr']:.3g} / {a['chosen']['weight_decay']:.3g}{' †' if edge else ''} | "
+                         f"{_pct(a['frozen']['knn'])} | {_pct(a['frozen'].get('probe'))} |")
+    if edges:
+        lines += ["", "† chosen at the edge of the search, so the best value may lie outside what was tried "
+                  "(more trials or a wider range would tell): " + "; ".join(edges) + "."]
     lines += ["", "| task | difference (paired by seed) | metric | n | mean diff, points [95% CI] | t | p |",
               "|---|---|---|---|---|---|---|"]
     for t in results["tasks"]:

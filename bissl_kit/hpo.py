@@ -59,6 +59,23 @@ def select_best(trials: list[dict], *, key: str = "val_top1") -> dict:
     return max(ok, key=lambda t: (t[key], -t["trial"]))
 
 
+def search_edges(trials: list[dict], chosen: dict) -> list[str]:
+    """Where the chosen trial sits at the edge of what the search tried: e.g. ``["lr: the largest of 4
+    finished trials"]``. A choice at an edge says the best value may lie outside the tried ones (widen
+    the range or add trials), so the comparison flags it instead of leaving it to the reader."""
+    ok = [t for t in trials if t.get("status") == "ok"]
+    out = []
+    for key in ("lr", "weight_decay"):
+        values = sorted({t[key] for t in ok})
+        if len(values) < 2:
+            continue
+        if chosen[key] == values[-1]:
+            out.append(f"{key}: the largest of {len(ok)} finished trials")
+        elif chosen[key] == values[0]:
+            out.append(f"{key}: the smallest of {len(ok)} finished trials")
+    return out
+
+
 def write_json(path: str | Path, obj) -> Path:
     """Write JSON atomically: a temporary file in the same directory, then a rename."""
     path = Path(path)
@@ -112,7 +129,8 @@ def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, s
 
     chosen = select_best(state["trials"])
     state["chosen"] = {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
-                       "val_top1": chosen["val_top1"], "run": chosen["run"]}
+                       "val_top1": chosen["val_top1"], "run": chosen["run"],
+                       "edges": search_edges(state["trials"], chosen)}
     for s in range(seeds):
         seed = base.seed + s
         run = Path(chosen["run"]) if seed == base.seed else out / f"seed_{seed}"

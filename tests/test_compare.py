@@ -9,11 +9,11 @@ import torch
 from scipy import stats
 
 from bissl_kit.checkpoint import CheckpointError, load_checkpoint
-from bissl_kit.compare import (CompareConfig, check_bissl_run, comparison_table, continue_pretext, matched_settings,
+from bissl_kit.compare import (ARM_LABELS, CompareConfig, check_bissl_run, comparison_table, continue_pretext, matched_settings,
                                mean_ci, paired_ttest, parse_task, run_comparison)
 from bissl_kit.config import ConfigError
 from bissl_kit.finetune import FinetuneConfig, load_backbone, load_data
-from bissl_kit.hpo import run_search, sample_candidates, select_best
+from bissl_kit.hpo import run_search, sample_candidates, search_edges, select_best
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,6 +96,20 @@ def test_select_best_uses_val_only():
         select_best(trials, key="test_top1")
     with pytest.raises(RuntimeError, match="trial 2: boom"):
         select_best([trials[2]])
+
+
+def test_search_edges_flag_a_choice_at_the_end_of_what_was_tried():
+    trials = [{"trial": 0, "status": "ok", "lr": 0.01, "weight_decay": 1e-4},
+              {"trial": 1, "status": "ok", "lr": 0.1, "weight_decay": 1e-3},
+              {"trial": 2, "status": "ok", "lr": 0.03, "weight_decay": 1e-5},
+              {"trial": 3, "status": "failed", "lr": 1.0, "weight_decay": 1e-2}]  # a failed trial was not tried
+    assert search_edges(trials, trials[1]) == ["lr: the largest of 3 finished trials",
+                                               "weight_decay: the largest of 3 finished trials"]
+    assert search_edges(trials, trials[0]) == ["lr: the smallest of 3 finished trials"]
+    assert search_edges(trials, trials[2]) == ["weight_decay: the smallest of 3 finished trials"]
+    inside = {"trial": 4, "status": "ok", "lr": 0.02, "weight_decay": 2e-4}
+    assert search_edges(trials + [inside], inside) == []
+    assert search_edges(trials[:1], trials[0]) == []  # one value: no edge to speak of
 
 
 def test_search_selects_on_val_and_never_reads_test(base, data, tmp_path):
@@ -221,6 +235,11 @@ def test_comparison_end_to_end(sources, tmp_path):
     assert rows[0].startswith("task,arm,seed,status") and len(rows) == 1 + 3 * 2
     table = (tmp_path / "results" / "comparison.md").read_text()
     assert table.startswith(comparison_table(res)) and "BiSSL − baseline, compute-matched" in table
+    # two trials: whichever wins, its lr is the largest or the smallest tried, and the table says so
+    for name, arm in task["arms"].items():
+        assert any(e.startswith("lr: the ") for e in arm["chosen"]["edges"])
+        assert f"{ARM_LABELS[name]}: lr: the " in table
+    assert table.count(" † |") == 3 and "† chosen at the edge of the search" in table
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ export OMP_NUM_THREADS=1
 PY="nice -n 10 .venv/bin/python"
 RUNS=${RUNS:-runs/comparison}
 BISSL="--stages 6 --lower-steps 10 --upper-steps 4 --lower-batch-size 128 --upper-batch-size 128 --progress false"
-SEARCH="--trials 4 --seeds 5 --epochs 10 --progress false"
+SEARCH="--trials 12 --seeds 5 --epochs 10 --progress false"
 
 one() {  # BiSSL stage seed
     $PY -m bissl_kit bissl --pretrain-checkpoint $RUNS/pretrain/checkpoint.pt --downstream digits --seed "$1" \

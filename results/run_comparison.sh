@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=1
 PY="nice -n 10 .venv/bin/python"
 RUNS=${RUNS:-runs/comparison}
 BISSL="--stages 6 --lower-steps 10 --upper-steps 4 --lower-batch-size 128 --upper-batch-size 128 --progress false"
-SEARCH="--trials 4 --seeds 5 --epochs 10 --out-dir $RUNS/compare --progress false"
+SEARCH="--trials 12 --seeds 5 --epochs 10 --out-dir $RUNS/compare --progress false"
 
 # 1. The shared pretext checkpoint: the embedded default pre-training (notebook 01's defaults; a finished
 #    run in $RUNS/pretrain is only re-read).

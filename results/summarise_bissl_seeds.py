@@ -1,25 +1,27 @@
-"""The digits comparison over three BiSSL-stage seeds: the committed run (seed 0, ``results/comparison.json``)
-and ``run_bissl_seeds.sh``'s seeds 1 and 2. The unit of replication is the BiSSL run (with its own
-compute-matched continuation, which copies the BiSSL seed), so the test is over the three per-run
-mean differences, not over the fifteen fine-tuning pairs.
+"""The digits comparison over three BiSSL-stage seeds: the committed run (seed 0, ``comparison.json``) and
+``run_bissl_seeds.sh``'s seeds 1 and 2 (``bissl_seeds/seed_S/``), all under one results folder. The unit
+of replication is the BiSSL run (with its own compute-matched continuation, which copies the BiSSL seed),
+so the test is over the three per-run mean differences, not over the fifteen fine-tuning pairs.
 
-    .venv/bin/python results/summarise_bissl_seeds.py     # writes results/bissl_seeds/summary.md
+    .venv/bin/python results/summarise_bissl_seeds.py [results_folder]   # writes <folder>/bissl_seeds/summary.md
 """
 import json
+import sys
 from pathlib import Path
 
 from bissl_kit.compare import mean_ci
 
-HERE = Path(__file__).parent
-RUNS = {0: HERE / "comparison.json", 1: HERE / "bissl_seeds/seed_1/comparison.json",
-        2: HERE / "bissl_seeds/seed_2/comparison.json"}
 TASK = "digits"
 
 
-def main():
-    rows, diffs = [], []
-    for seed, path in RUNS.items():
-        task = next(t for t in json.loads(path.read_text())["tasks"] if t["task"] == TASK)
+def main(folder: Path):
+    runs = {0: folder / "comparison.json", **{s: folder / f"bissl_seeds/seed_{s}/comparison.json" for s in (1, 2)}}
+    rows, diffs, searches = [], [], set()
+    for seed, path in runs.items():
+        results = json.loads(path.read_text())
+        c = results["config"]
+        searches.add((c["trials"], c["seeds"], c["epochs"], results["pretrain"]["steps"]))
+        task = next(t for t in results["tasks"] if t["task"] == TASK)
         if task["bissl_run"]["seed"] != seed:
             raise SystemExit(f"{path}: the BiSSL run has seed {task['bissl_run']['seed']}, expected {seed}")
         top1 = {arm: mean_ci([s["test_top1"] for s in a["seeds"] if s["status"] == "ok"])
@@ -31,6 +33,9 @@ def main():
                     f"{100 * pair['mean_diff']:+.2f} [{100 * pair['lo']:+.2f}, {100 * pair['hi']:+.2f}] | "
                     f"{pair['p']:.3g} | {task['arms']['baseline_matched']['frozen']['knn'] * 100:.1f} / "
                     f"{task['arms']['bissl']['frozen']['knn'] * 100:.1f} |")
+    if len(searches) != 1:
+        raise SystemExit(f"the three comparisons differ in (trials, seeds, epochs, pretext steps): {sorted(searches)}")
+    trials, seeds, epochs, _ = searches.pop()
     over = mean_ci(diffs)
     from scipy import stats
     t = over["mean"] / (over["sd"] / over["n"] ** 0.5)
@@ -38,9 +43,10 @@ def main():
     text = "\n".join([
         f"# {TASK}: BiSSL − compute-matched baseline over BiSSL-stage seeds",
         "",
-        "One pretext checkpoint (`runs/comparison/pretrain`); per BiSSL seed: a BiSSL run at notebook 02's demo "
-        "settings and the matched continuation with the same seed, each fine-tuned with the same 4-trial search "
-        "and 5 fine-tuning seeds (10 epochs). Test top-1 %, mean over the 5 fine-tuning seeds; the difference "
+        f"One pretext checkpoint; per BiSSL seed: a BiSSL run at notebook 02's demo "
+        "settings and the matched continuation with the same seed, each fine-tuned with the same "
+        f"{trials}-trial search "
+        f"and {seeds} fine-tuning seeds ({epochs} epochs). Test top-1 %, mean over the fine-tuning seeds; the difference "
         "is paired by fine-tuning seed (95 % t-interval, two-sided p); k-NN on the frozen backbone, BN "
         "statistics as held.",
         "",
@@ -52,10 +58,10 @@ def main():
         f"[{100 * over['lo']:+.2f}, {100 * over['hi']:+.2f}]**, t = {t:.2f}, df = {over['n'] - 1}, p = {p:.3g}.",
         "",
     ])
-    out = HERE / "bissl_seeds/summary.md"
+    out = folder / "bissl_seeds/summary.md"
     out.write_text(text)
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent)

@@ -121,7 +121,7 @@ def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, s
     for i, (lr, wd) in enumerate(candidates):
         cfg = base.replace(lr=lr, weight_decay=wd, test=False, progress=False, out_dir=str(trial_dir(i)))
         rec = {"trial": i, "lr": lr, "weight_decay": wd, "run": str(trial_dir(i)), **_attempt(cfg, data)}
-        rec = {k: v for k, v in rec.items() if not k.startswith("test")}  # trials carry val numbers only
+        rec = {k: v for k, v in rec.items() if not k.startswith("test") and k != "n_test"}  # val numbers only
         state["trials"].append(rec)
         write_json(out / "search.json", state)
         if on_run is not None:

@@ -135,6 +135,9 @@ def test_search_selects_on_val_and_never_reads_test(base, data, tmp_path):
         data.val.name, "val", torch.zeros_like(data.val.labels), data.val.num_classes, images=data.val.images)})
     other = run_search(base, candidates, seeds=0, out_dir=tmp_path / "relabelled", data=relabelled)
     assert [t["val_top1"] for t in other["trials"]] != [t["val_top1"] for t in clean["trials"]]
+    # once the chosen trial has gone on to its test evaluation (seed 0), a re-read records the same trials
+    run_search(base, candidates, seeds=1, out_dir=tmp_path / "clean", data=data)
+    assert run_search(base, candidates, seeds=1, out_dir=tmp_path / "clean", data=data)["trials"] == clean["trials"]
 
 
 def test_a_trial_folder_of_another_config_stops_the_search_instead_of_counting_as_failed(base, data, tmp_path):

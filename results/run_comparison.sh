@@ -5,11 +5,8 @@
 # Every stage resumes, so running this again only re-reads finished runs and redoes what is missing.
 # Everything lives under $RUNS, so that runs of older defaults elsewhere in runs/ are never mixed in.
 set -euo pipefail
-export OMP_NUM_THREADS=1
-PY="nice -n 10 .venv/bin/python"
-RUNS=${RUNS:-runs/comparison}
-BISSL="--stages 6 --lower-steps 10 --upper-steps 4 --lower-batch-size 128 --upper-batch-size 128 --progress false"
-SEARCH="--trials 12 --seeds 5 --epochs 10 --out-dir $RUNS/compare --progress false"
+source "$(dirname "$0")/settings.sh"  # PY, RUNS, BISSL, SEARCH_BUDGET
+SEARCH="$SEARCH_BUDGET --out-dir $RUNS/compare"
 
 # 1. The shared pretext checkpoint: the embedded default pre-training (notebook 01's defaults; a finished
 #    run in $RUNS/pretrain is only re-read).

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from bissl_kit.compare import mean_ci
+from bissl_kit.compare import paired_ttest
 
 TASK = "digits"
 
@@ -24,8 +24,7 @@ def main(folder: Path):
         task = next(t for t in results["tasks"] if t["task"] == TASK)
         if task["bissl_run"]["seed"] != seed:
             raise SystemExit(f"{path}: the BiSSL run has seed {task['bissl_run']['seed']}, expected {seed}")
-        top1 = {arm: mean_ci([s["test_top1"] for s in a["seeds"] if s["status"] == "ok"])
-                for arm, a in task["arms"].items()}
+        top1 = {arm: a["test_top1"] for arm, a in task["arms"].items()}
         pair = next(p for p in task["paired"] if p["metric"] == "test_top1" and p["a"] == "bissl"
                     and p["b"] == "baseline_matched")
         diffs.append(pair["mean_diff"])
@@ -36,10 +35,7 @@ def main(folder: Path):
     if len(searches) != 1:
         raise SystemExit(f"the three comparisons differ in (trials, seeds, epochs, pretext steps): {sorted(searches)}")
     trials, seeds, epochs, _ = searches.pop()
-    over = mean_ci(diffs)
-    from scipy import stats
-    t = over["mean"] / (over["sd"] / over["n"] ** 0.5)
-    p = float(2 * stats.t.sf(abs(t), over["n"] - 1))
+    over = paired_ttest(diffs, [0.0] * len(diffs))  # a one-sample t-test of the per-run differences
     text = "\n".join([
         f"# {TASK}: BiSSL − compute-matched baseline over BiSSL-stage seeds",
         "",
@@ -54,8 +50,9 @@ def main(folder: Path):
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Over the {over['n']} BiSSL seeds (one mean difference per seed): **{100 * over['mean']:+.2f} points "
-        f"[{100 * over['lo']:+.2f}, {100 * over['hi']:+.2f}]**, t = {t:.2f}, df = {over['n'] - 1}, p = {p:.3g}.",
+        f"Over the {over['n']} BiSSL seeds (one mean difference per seed): **{100 * over['mean_diff']:+.2f} points "
+        f"[{100 * over['lo']:+.2f}, {100 * over['hi']:+.2f}]**, t = {over['t']:.2f}, df = {over['df']}, "
+        f"p = {over['p']:.3g}.",
         "",
     ])
     out = folder / "bissl_seeds/summary.md"

@@ -2,6 +2,7 @@
 compute-matched continuation, the comparison end to end and notebook 05."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,11 +253,14 @@ def test_05_results_notebook_runs_headless(sources, tmp_path, monkeypatch):
     pre_ckpt, bissl_ckpt = sources
     params = {**QUICK["05_results"], "pretrain_checkpoint": str(pre_ckpt), "bissl_runs": [str(bissl_ckpt.parent)],
               "out_dir": str(tmp_path / "cmp"), "figures_dir": str(tmp_path / "fig"),
-              "committed_results": str(tmp_path / "none.json")}
+              "committed_results": str(Path(__file__).parents[1] / "results" / "comparison.json")}
     out = execute("05_results", params, output_dir=tmp_path / "nb")
     text = json.dumps(json.loads(out.read_text()))
     assert out.stat().st_size < 2_000_000
-    assert "mean diff" in text and "BiSSL" in text and "no committed results" in text
+    assert "mean diff" in text and "BiSSL" in text
+    # the committed comparison is shown with its command: the repository's own results file
+    shown = json.dumps([o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])])
+    assert "fashion_mnist:50" in shown and "that invocation:" in shown and "no committed results" not in shown
     assert (tmp_path / "fig" / "05_demo_comparison.html").exists()
     assert (tmp_path / "cmp" / "comparison.json").exists()
 

@@ -255,11 +255,12 @@ def test_05_results_notebook_runs_headless(sources, tmp_path, monkeypatch):
               "out_dir": str(tmp_path / "cmp"), "figures_dir": str(tmp_path / "fig"),
               "committed_results": str(Path(__file__).parents[1] / "results" / "comparison.json")}
     out = execute("05_results", params, output_dir=tmp_path / "nb")
-    text = json.dumps(json.loads(out.read_text()))
+    nb = json.loads(out.read_text())
+    text = json.dumps(nb)
     assert out.stat().st_size < 2_000_000
     assert "mean diff" in text and "BiSSL" in text
     # the committed comparison is shown with its command: the repository's own results file
-    shown = json.dumps([o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])])
+    shown = json.dumps([o for c in nb["cells"] for o in c.get("outputs", [])])
     assert "fashion_mnist:50" in shown and "that invocation:" in shown and "no committed results" not in shown
     assert (tmp_path / "fig" / "05_demo_comparison.html").exists()
     assert (tmp_path / "cmp" / "comparison.json").exists()

@@ -63,6 +63,9 @@ MODES = {
     "reuse+minres5-tol": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 5, "cg_rtol": 1e-2,
                           "warm_start": "none"},
     "reuse+minres2": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 2, "cg_rtol": 1e-2, "warm_start": "none"},
+    # the pretext views: one forward per view (official) against one joint forward (our default)
+    "default+per-view": {**FAST_MODE, "pretext_forward": "per_view"},
+    "official+joint": {**PAPER_MODE, "pretext_forward": "joint"},
 }
 
 

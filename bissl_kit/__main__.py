@@ -6,7 +6,7 @@ an earlier run; options given on the command line override it. The same command 
 ``torchrun`` on several processes, GPUs and nodes (README, "Scaling out with torchrun").
 
 Stages: ``pretrain`` (PretrainConfig), ``bissl`` (BisslConfig; ``--paper-mode`` as notebook 02's
-``paper_mode``), ``finetune`` (FinetuneConfig) and ``compare`` (CompareConfig). Paths are relative to
+``paper_mode``, ``--preset`` for the official V1/V3 settings), ``finetune`` (FinetuneConfig) and ``compare`` (CompareConfig). Paths are relative to
 the working directory (the notebooks' parameters are relative to ``notebooks/``).
 """
 
@@ -23,7 +23,7 @@ import types
 import typing
 
 from . import distributed
-from .bissl import FAST_MODE, PAPER_MODE, BisslConfig
+from .bissl import BisslConfig
 from .checkpoint import CheckpointError
 from .compare import CompareConfig
 from .config import Config, ConfigError
@@ -66,9 +66,18 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type[Config]) -> No
                             help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
 
 
-def config_from_args(cls: type[Config], args: argparse.Namespace, base: dict | None = None) -> Config:
+# the BiSSL presets on the command line: each takes the options given as its overrides
+BISSL_PRESETS = {
+    "paper_iclr": BisslConfig.paper_iclr,
+    "paper_neurips": BisslConfig.paper_neurips,
+    "paper_neurips_byol": lambda **kw: BisslConfig.paper_neurips(method="byol", **kw),
+}
+
+
+def config_values(cls: type[Config], args: argparse.Namespace) -> dict:
+    """The config fields given: the ``--config`` file's, then the options'."""
     hints = typing.get_type_hints(cls)
-    values = dict(base or {})
+    values = {}
     if getattr(args, "config", None):
         with open(args.config) as fh:
             values.update(json.load(fh))
@@ -81,6 +90,17 @@ def config_from_args(cls: type[Config], args: argparse.Namespace, base: dict | N
                 values[f.name] = tuple(_parse_value(v, elem) for v in raw)
             else:
                 values[f.name] = _parse_value(raw, hint)
+    return values
+
+
+def config_from_args(cls: type[Config], args: argparse.Namespace) -> Config:
+    values = config_values(cls, args)
+    if cls is BisslConfig:
+        if getattr(args, "preset", None):
+            if args.paper_mode:
+                raise ConfigError("--preset and --paper-mode are alternatives: a paper preset is paper mode already")
+            return BISSL_PRESETS[args.preset](**values)
+        return BisslConfig.embedded(paper_mode=args.paper_mode, **values)
     return cls.from_dict(values)
 
 
@@ -95,6 +115,10 @@ def main(argv=None) -> int:
             p.add_argument("--paper-mode", dest="paper_mode", action="store_true", default=False,
                            help="start from the official algorithm's values (PAPER_MODE) instead of ours (FAST_MODE); "
                                 "options given override them")
+            p.add_argument("--preset", choices=tuple(BISSL_PRESETS), default=None,
+                           help="the official settings of one version: paper_iclr (V1), paper_neurips (V3, SimCLR's "
+                                "per-dataset upper lr/wd), paper_neurips_byol (V3, BYOL's); options given override "
+                                "them, and what the preset derives (the lower warm-up, the upper lr) follows them")
         add_config_options(p, cls)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # a misspelt option: the stage's usage, and the closest option it has
@@ -104,10 +128,7 @@ def main(argv=None) -> int:
         p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else "")
                 + f"; `python -m bissl_kit {args.stage} --help` lists the options")
     try:
-        base = None
-        if args.stage == "bissl":
-            base = PAPER_MODE if args.paper_mode else FAST_MODE
-        cfg = config_from_args(STAGES[args.stage], args, base)
+        cfg = config_from_args(STAGES[args.stage], args)
     except (ConfigError, argparse.ArgumentTypeError) as e:
         parser.error(str(e))
     # under torchrun (torchrun --nproc-per-node M python -m bissl_kit STAGE ...) every rank runs this;

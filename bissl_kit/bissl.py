@@ -15,15 +15,19 @@ the first stage a linear head φ_D is warmed up on the frozen θ_D. The lower ba
 result, fine-tuned in stage 3.
 
 **Paper mode** (:data:`PAPER_MODE`, the ``paper_*`` presets) is the official algorithm: layerwise
-"CG" with K = 5 from x = 0, every product recomputed, BatchNorm statistics updated by every forward,
-non-finite values zeroed, one Hessian batch = the first batch of a fresh lower iterator, the
+"CG" with K = 5 from x = 0, every product recomputed, one pretext forward per view, BatchNorm
+statistics updated by every forward, non-finite values zeroed and non-finite losses run through,
+one Hessian batch = the first batch of a fresh lower iterator, partial last batches kept, the
 official schedule whose first step runs at the base lr. Every other value of those fields is a named
 option, measured in ``benchmarks/stage.py``.
 
-Batches follow the official iterator semantics with our own seeded permutations: each level walks a
-permutation of its data; when fewer than N batches remain it starts a new permutation seeded by the
-stage index (the official ``set_epoch(stage)``); the "fresh iterator" Hessian batch is the first
-batch of the current lower permutation with new augmentations.
+Batches follow the official DataLoader semantics with our own seeded permutations: each level walks
+a permutation of its data in batches of B (``partial_batch="keep"``: ⌈n/B⌉ batches, the last one
+smaller, as a DataLoader without ``drop_last``; ``"drop"``: ⌊n/B⌋ equal batches); when fewer than
+the stage's N batches remain it starts a new permutation seeded by the stage index (the official
+``set_epoch(stage)``); the "fresh iterator" Hessian batch is the first batch of the current lower
+permutation with new augmentations. A downstream loader shorter than N_U batches is handled as the
+version chosen by ``upper_short_loader`` handles it (spec §2.5, C9).
 """
 
 from __future__ import annotations
@@ -50,21 +54,41 @@ from .runlog import MetricsLog, config_conflicts, progress_bar
 
 CHECKPOINT_KIND = "bissl"
 
-# the official values of every field that changes the algorithm (spec §1.4–§1.7)
+# the official values of every field that changes the algorithm (spec §1.4–§1.7, §2.3, §2.5); what
+# differs between versions (γ, the lower warm-up, short downstream loaders) is set by the presets
 PAPER_MODE = dict(solver="layerwise", cg_iters=5, cg_rtol=None, warm_start="none", hvp="recompute",
                   hessian_batch="fresh", hessian_batches=1, bn_stats="update", nonfinite="zero",
-                  official_first_step=True)
+                  official_first_step=True, pretext_forward="per_view", partial_batch="keep",
+                  upper_short_loader="cycle", nonfinite_loss="continue")
 # our default: one MINRES iteration per upper step (the implicit engine's RECOMMENDED_SOLVER), the
 # graph built once per stage, no BatchNorm drift, errors on NaN.  benchmarks/stage.py, CPU default,
 # paper counts, 3 repeats: stage 3.0× and upper phase 4.4× faster than the official scheme, error
 # against a MINRES reference 0.98 vs the official 2.2 (A is indefinite at δ = 10, so the official five
 # layerwise iterations end farther from the solution than x = 0).  True CG (5 iterations, tolerance,
 # recycling) was the default before: 1.07× at error 0.81; MINRES with 2 iterations: 2.4× at 0.89.
+# pretext_forward and partial_batch: see the README's paper-mode table for what was measured
 FAST_MODE = dict(solver="minres", cg_iters=1, cg_rtol=1e-2, warm_start="none", hvp="reuse",
                  hessian_batch="fresh", hessian_batches=1, bn_stats="restore", nonfinite="raise",
-                 official_first_step=True)
+                 official_first_step=True, pretext_forward="joint", partial_batch="drop",
+                 upper_short_loader="cycle", nonfinite_loss="raise")
 # K when cg_iters is None: the official count for the official-style solvers, one for MINRES (above)
 DEFAULT_SOLVER_ITERS = {"layerwise": 5, "cg": 5, "minres": 1}
+# What a saved config without these fields (written before they existed) ran with.
+SAVED_DEFAULTS = {"pretext_forward": "joint", "partial_batch": "drop", "upper_short_loader": "cycle",
+                  "nonfinite_loss": "raise", "lower_warmup_passes": None}
+
+# V3's upper lr / weight decay per downstream set and pretext method (spec §2.5, from its models/*.json),
+# under the kit's dataset names; the other V3 settings are the same for every set
+PAPER_NEURIPS_UPPER = {
+    "simclr": {"aircraft": (0.03, 5e-3), "caltech101": (0.03, 1e-4), "cars": (0.035, 1e-3),
+               "cifar10": (0.015, 1e-3), "cifar100": (0.01, 1e-4), "cub200": (0.03, 1e-3), "dtd": (0.03, 1e-3),
+               "flowers102": (0.05, 5e-4), "food101": (0.03, 1e-3), "pets": (0.03, 1e-3),
+               "sun397": (0.015, 5e-5), "voc07": (0.015, 5e-3)},
+    "byol": {"aircraft": (0.015, 3e-3), "caltech101": (0.015, 2e-4), "cars": (0.04, 2e-3),
+             "cifar10": (0.01, 1e-3), "cifar100": (0.01, 1e-3), "cub200": (0.015, 1e-4), "dtd": (0.015, 1e-4),
+             "flowers102": (0.035, 2e-3), "food101": (0.035, 2e-3), "pets": (0.02, 2e-3),
+             "sun397": (0.01, 5e-5), "voc07": (0.005, 6e-3)},
+}
 
 
 @dataclass(frozen=True)
@@ -102,12 +126,29 @@ class BisslConfig(Config):
                           choices=("update", "restore"))
     nonfinite: str = param("raise", "non-finite hypergradient: 'raise' (stop, naming where) or 'zero' (official nan_to_num)",
                            choices=("raise", "zero"))
+    nonfinite_loss: str = param("raise", "non-finite loss at either level: 'raise' (stop at once, naming stage and step) "
+                                "or 'continue' (official: train on; a non-finite state is still never written over "
+                                "the last good checkpoint, so the run stops at the end of that stage)",
+                                choices=("raise", "continue"))
+    # Batches
+    pretext_forward: str = param("joint", "pretext views through θ_P and φ_P: 'per_view' (official: one forward per view, "
+                                 "BatchNorm statistics per view) or 'joint' (one forward of both views)",
+                                 choices=("per_view", "joint"))
+    partial_batch: str = param("drop", "a level's last batch when B does not divide its data: 'keep' (official "
+                               "DataLoader, ⌈n/B⌉ batches per pass) or 'drop' (⌊n/B⌋ equal batches)",
+                               choices=("keep", "drop"))
+    upper_short_loader: str = param("cycle", "a downstream loader of L < N_U batches: 'cycle' (V3: N_U steps, "
+                                    "cycling), 'truncate' (V1, spec C9: N_U // L steps) or 'whole_passes' "
+                                    "(V2: ⌊N_U/L⌋·L steps); the upper schedule spans stages·N_U steps in all",
+                                    choices=("cycle", "truncate", "whole_passes"))
     # Lower optimiser: LARS
     lower_batch_size: int = param(256, "B_P: pretext image pairs per lower step (paper 1024)", low=2)
     lower_lr: float = param(1.0, "lower LARS base lr", low=0, low_inclusive=False)
     lower_weight_decay: float = param(1e-6, "lower LARS weight decay", low=0)
     lower_momentum: float = param(0.9, "lower LARS momentum", low=0, high=1, high_inclusive=False)
-    lower_warmup: int = param(40, "lower linear warm-up steps (V3: 10·N_L)", low=0)
+    lower_warmup: int | None = param(40, "lower linear warm-up steps (V3: 10·N_L); None = lower_warmup_passes", low=0)
+    lower_warmup_passes: int | None = param(None, "lower warm-up as passes over the pretext batches (V1: 10, i.e. "
+                                            "10·len(loader) steps); needs lower_warmup=None", low=0)
     lower_clip: float | None = param(10.0, "clip norm of the lower gradients (θ_P, φ_P); None = off", low=0, low_inclusive=False)
     # Upper optimiser: SGD
     upper_batch_size: int = param(256, "B_D: downstream images per upper step", low=1)
@@ -138,36 +179,73 @@ class BisslConfig(Config):
         if self.solver == "minres" and self.warm_start == "recycle":
             raise ConfigError("warm_start='recycle' (deflated CG) needs solver='cg'; with solver='minres' "
                               "choose 'none' or 'previous'")
+        if (self.lower_warmup is None) == (self.lower_warmup_passes is None):
+            raise ConfigError(f"lower_warmup={self.lower_warmup!r} and lower_warmup_passes={self.lower_warmup_passes!r}: "
+                              "exactly one of the two must be set (the other None)")
         if self.hessian_batch == "lower" and self.hessian_batches > max(self.lower_steps, 1):
             raise ConfigError(f"hessian_batches={self.hessian_batches} exceeds lower_steps={self.lower_steps} "
                               "with hessian_batch='lower'")
 
+    @classmethod
+    def from_saved(cls, values: dict) -> "BisslConfig":
+        """The config of a run saved by an earlier version of the kit (see :data:`SAVED_DEFAULTS`)."""
+        return cls.from_dict({**SAVED_DEFAULTS, **values})
+
     # ---- presets ---------------------------------------------------------------------------------
+    # Each preset is the official algorithm *for the sizes it is given*: what the official code derives
+    # from other settings (the lower warm-up, V3's per-dataset upper lr) is derived from the values
+    # after the overrides, unless an override sets it itself.
+    _PAPER_COUNTS = dict(stages=500, lower_steps=20, upper_steps=8, head_warmup_epochs=20, lam=1e-3, damping=10.0,
+                         lower_batch_size=1024, lower_lr=1.0, lower_weight_decay=1e-6, upper_batch_size=256)
+
     @classmethod
     def paper_iclr(cls, **overrides) -> "BisslConfig":
         """V1 (ICLR): ResNet-18 at 96 px (set in the pre-training config), γ = 0.01, upper SGD 0.015 /
-        0.01, lower warm-up 10 loader epochs of STL10's unlabeled split (98 batches of 1024 → 980)."""
-        return cls.from_dict({**PAPER_MODE, "stages": 500, "lower_steps": 20, "upper_steps": 8,
-                              "head_warmup_epochs": 20, "lam": 1e-3, "damping": 10.0, "gamma": 0.01,
-                              "lower_batch_size": 1024, "lower_lr": 1.0, "lower_weight_decay": 1e-6,
-                              "lower_warmup": 980, "upper_batch_size": 256, "upper_lr": 0.015,
-                              "upper_weight_decay": 0.01, "downstream": "stl10", **overrides})
+        0.01 for every set, a lower warm-up of 10 passes over the pretext loader (10·len(loader) steps:
+        980 for STL10's 100k unlabeled images in batches of 1024), and a downstream loader shorter than
+        N_U batches run for N_U // len(loader) steps (C9)."""
+        values = {**PAPER_MODE, **cls._PAPER_COUNTS, "gamma": 0.01, "upper_lr": 0.015, "upper_weight_decay": 0.01,
+                  "downstream": "stl10", "upper_short_loader": "truncate",
+                  "lower_warmup": None, "lower_warmup_passes": 10, **overrides}
+        return cls.from_dict(_one_warmup(values, overrides))
 
     @classmethod
-    def paper_neurips(cls, **overrides) -> "BisslConfig":
-        """V3 (NeurIPS): ResNet-50, γ = 1 (hard-coded there), lower warm-up 10·N_L = 200; upper lr/wd
-        per dataset (spec §2.5; CIFAR-10 SimCLR 0.015 / 1e-3 here)."""
-        return cls.from_dict({**PAPER_MODE, "stages": 500, "lower_steps": 20, "upper_steps": 8,
-                              "head_warmup_epochs": 20, "lam": 1e-3, "damping": 10.0, "gamma": 1.0,
-                              "lower_batch_size": 1024, "lower_lr": 1.0, "lower_weight_decay": 1e-6,
-                              "lower_warmup": 200, "upper_batch_size": 256, "upper_lr": 0.015,
-                              "upper_weight_decay": 1e-3, "downstream": "cifar10", **overrides})
+    def paper_neurips(cls, *, method: str = "simclr", **overrides) -> "BisslConfig":
+        """V3 (NeurIPS): ResNet-50 (set in the pre-training config), γ = 1 (hard-coded there), a lower
+        warm-up of 10·N_L steps, and the upper lr / weight decay of ``downstream`` and the pretext
+        ``method`` from V3's per-dataset files (:data:`PAPER_NEURIPS_UPPER`, spec §2.5)."""
+        if method not in PAPER_NEURIPS_UPPER:
+            raise ConfigError(f"method={method!r} is not allowed; method must be one of "
+                              f"{', '.join(map(repr, PAPER_NEURIPS_UPPER))}")
+        values = {**PAPER_MODE, **cls._PAPER_COUNTS, "gamma": 1.0, "downstream": "cifar10",
+                  "upper_short_loader": "cycle", **overrides}
+        if "lower_warmup" not in overrides and "lower_warmup_passes" not in overrides:
+            values["lower_warmup"] = 10 * values["lower_steps"]
+        values = _one_warmup(values, overrides)
+        if "upper_lr" not in overrides or "upper_weight_decay" not in overrides:
+            table = PAPER_NEURIPS_UPPER[method]
+            if values["downstream"] not in table:
+                raise ConfigError(f"paper_neurips has V3's upper lr / weight decay for {', '.join(table)}; for "
+                                  f"downstream={values['downstream']!r} pass upper_lr and upper_weight_decay")
+            lr, wd = table[values["downstream"]]
+            values.setdefault("upper_lr", lr)
+            values.setdefault("upper_weight_decay", wd)
+        return cls.from_dict(values)
 
     @classmethod
     def embedded(cls, *, paper_mode: bool = False, **overrides) -> "BisslConfig":
         """The CPU default on the offline data (digits downstream); ``paper_mode=True`` switches the
         algorithm to the official one, everything else unchanged."""
-        return cls.from_dict({**(PAPER_MODE if paper_mode else FAST_MODE), **overrides})
+        return cls.from_dict(_one_warmup({**(PAPER_MODE if paper_mode else FAST_MODE), **overrides}, overrides))
+
+
+def _one_warmup(values: dict, overrides: dict) -> dict:
+    """The lower warm-up the caller set (in steps or in passes) replaces the other one."""
+    if "lower_warmup" in overrides and "lower_warmup_passes" not in overrides:
+        return {**values, "lower_warmup_passes": None}
+    if "lower_warmup_passes" in overrides and "lower_warmup" not in overrides:
+        return {**values, "lower_warmup": None}
+    return values
 
 
 # fields that do not change the numbers a run produces
@@ -209,15 +287,19 @@ def accuracy_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 # ---- the data a stage consumes -------------------------------------------------------------------------
 
 class LevelIterator:
-    """Batches of one level: walks a permutation of ``n`` items; a new permutation (seeded by the
-    stage, like the official ``set_epoch(stage)``) starts when fewer than ``need`` batches remain."""
+    """Batches of one level: walks a permutation of ``n`` items in batches of ``batch_size`` (with
+    ``keep_partial`` the last one holds the n mod B left over, as a DataLoader without ``drop_last``);
+    a new permutation (seeded by the stage, like the official ``set_epoch(stage)``) starts when fewer
+    than ``need`` batches remain."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, tag: str, *, field: str = "batch size"):
+    def __init__(self, n: int, batch_size: int, seed: int, tag: str, *, field: str = "batch size",
+                 keep_partial: bool = False):
         if batch_size > n:
             raise ConfigError(f"{field}={batch_size} is larger than the {tag} data ({n} items); "
                               f"{field} must be <= {n}")
         self.n, self.batch_size, self.seed, self.tag = n, batch_size, seed, tag
-        self.per_epoch = n // batch_size
+        self.partial = n % batch_size if keep_partial else 0  # size of the short last batch, 0 if none
+        self.per_epoch = n // batch_size + (1 if self.partial else 0)
         self.epoch, self.pos = 0, 0
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -227,12 +309,30 @@ class LevelIterator:
         if self.per_epoch - self.pos < need:
             self.epoch, self.pos = stage, 0
 
-    def next(self) -> torch.Tensor:
+    def _wrap(self) -> None:
         if self.pos >= self.per_epoch:  # need > per_epoch: wrap within the stage
             self.epoch, self.pos = self.epoch + 1, 0
+
+    def next(self) -> torch.Tensor:
+        self._wrap()
         idx = self.order(self.epoch)[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
         self.pos += 1
         return idx
+
+    def draws_partial(self, first_stage: int, stages: int, need: int) -> bool:
+        """Whether stages ``first_stage`` to ``stages − 1``, each taking ``need`` batches from here on,
+        draw the short last batch (positions only: no permutation is computed, the state is kept)."""
+        if not self.partial:
+            return False
+        sim = copy.copy(self)
+        for stage in range(first_stage, stages):
+            sim.begin_stage(stage, need)
+            for _ in range(need):
+                sim._wrap()
+                if sim.pos == sim.per_epoch - 1:
+                    return True
+                sim.pos += 1
+        return False
 
     def first(self, k: int = 1) -> list[torch.Tensor]:
         """The first ``k`` batches of a fresh iterator over the current permutation."""
@@ -283,15 +383,21 @@ class BisslTrainer:
         if self.names != [n for n, _ in upper_backbone.named_parameters()]:
             raise ValueError("upper_backbone must have the same architecture (parameter names) as lower.backbone")
         self.groups = layer_groups(self.names)
+        if not hasattr(lower, "pretext_forward"):
+            raise ValueError("lower must have a 'pretext_forward' attribute ('per_view' or 'joint') that its loss "
+                             "follows, so that the stage can set cfg.pretext_forward")
+        lower.pretext_forward = cfg.pretext_forward
         self.lower_opt = LARS(lower.parameters(), lr=cfg.lower_lr, weight_decay=cfg.lower_weight_decay,
                               momentum=cfg.lower_momentum)
         self.upper_params = list(upper_backbone.parameters()) + list(head.parameters())
         self.upper_opt = torch.optim.SGD(self.upper_params, lr=cfg.upper_lr, momentum=cfg.upper_momentum,
                                          weight_decay=cfg.upper_weight_decay)
+        keep = cfg.partial_batch == "keep"
         self.lower_it = LevelIterator(data.n_pretext, cfg.lower_batch_size, cfg.seed, "bissl-lower",
-                                      field="lower_batch_size")
+                                      field="lower_batch_size", keep_partial=keep)
         self.upper_it = LevelIterator(data.n_downstream, cfg.upper_batch_size, cfg.seed, "bissl-upper",
-                                      field="upper_batch_size")
+                                      field="upper_batch_size", keep_partial=keep)
+        self._check_partial_batches()
         self.stage = 0                 # finished stages
         self.lower_step = 0            # finished lower optimiser steps (schedule counter)
         self.upper_step = 0
@@ -303,6 +409,26 @@ class BisslTrainer:
         # called as solve_observer(operator, v, solution) after every hypergradient solve; lets a benchmark
         # or a notebook inspect the linear systems without changing the run
         self.solve_observer: Callable | None = None
+
+    def _check_partial_batches(self) -> None:
+        """Refuse, before any step, a kept last batch that the run cannot use: one of a single sample
+        where BatchNorm must normalise it, or, under torchrun, a pretext batch that does not split into
+        equal shards (the gathered NT-Xent needs them) and that the run will draw. Downstream batches
+        may split unevenly: each rank's loss is then weighted by its part (``distributed.split``)."""
+        c = self.cfg
+        levels = (("lower_batch_size", self.lower_it, "pretext", (self.lower,)),
+                  ("upper_batch_size", self.upper_it, "downstream", (self.lower.backbone, self.upper, self.head)))
+        for field, it, what, modules in levels:
+            if it.partial == 1 and any(_has_batchnorm(m) for m in modules):
+                raise ConfigError(f"{field}={it.batch_size} with partial_batch='keep' leaves a last batch of 1 "
+                                  f"{what} item ({it.n} = {it.n // it.batch_size}·{it.batch_size} + 1), which "
+                                  f"BatchNorm cannot normalise; choose another {field} or partial_batch='drop'")
+        w = distributed.world_size()
+        if self.lower_it.partial % w and self.lower_it.draws_partial(self.stage, c.stages, c.lower_steps):
+            raise ConfigError(f"lower_batch_size={c.lower_batch_size} with partial_batch='keep' draws a last batch of "
+                              f"{self.lower_it.partial} pretext pairs, which does not split into {w} equal shards; "
+                              f"choose a lower_batch_size that leaves a multiple of {w} (or none), or "
+                              "partial_batch='drop'")
 
     def _distributed_setup(self) -> None:
         """Under torchrun: equal shards of every global batch, SyncBatchNorm if asked, identical
@@ -331,18 +457,35 @@ class BisslTrainer:
         return distributed.shard(v1), distributed.shard(v2)
 
     def _downstream(self, idx: torch.Tensor, tag: tuple):
+        """This rank's part of a downstream batch and the weight of its mean loss (1 in one process and
+        for equal shards; a kept partial batch may split unevenly, see :func:`distributed.split`)."""
         x, y = self.data.downstream_batch(idx, tag)
-        return distributed.shard(x), distributed.shard(y)
+        if len(x) % distributed.world_size() == 0:
+            return distributed.shard(x), distributed.shard(y), 1.0
+        (x, y), weight = distributed.split(x, y)
+        return x, y, weight
 
     def _sync_buffers(self) -> None:
         """Per-shard BatchNorm running statistics averaged across ranks (replicas stay identical)."""
         if not self.cfg.sync_bn:
             distributed.average_buffers(self.lower, self.upper, self.head)
 
+    @property
+    def lower_warmup(self) -> int:
+        """The lower warm-up in steps: ``lower_warmup``, or V1's passes over the pretext loader (10·len(loader))."""
+        c = self.cfg
+        return c.lower_warmup if c.lower_warmup is not None else c.lower_warmup_passes * self.lower_it.per_epoch
+
+    @property
+    def upper_steps(self) -> int:
+        """Upper steps per stage as run: N_U, or fewer for a short downstream loader (``upper_short_loader``)."""
+        c = self.cfg
+        return upper_steps_per_stage(c.upper_steps, self.upper_it.per_epoch, c.upper_short_loader)
+
     # ---- schedules (spec §1.7): lower warm-up + cosine over T·N_L, upper cosine over T·N_U --------------
     def lower_lr(self, step: int) -> float:
         c = self.cfg
-        return warmup_cosine(step, base_lr=c.lower_lr, warmup=c.lower_warmup, total=c.stages * c.lower_steps,
+        return warmup_cosine(step, base_lr=c.lower_lr, warmup=self.lower_warmup, total=c.stages * c.lower_steps,
                              official_first_step=c.official_first_step)
 
     def upper_lr(self, step: int) -> float:
@@ -357,18 +500,19 @@ class BisslTrainer:
         c = self.cfg
         opt = torch.optim.SGD(self.head.parameters(), lr=c.upper_lr, momentum=c.upper_momentum,
                               weight_decay=c.upper_weight_decay)
-        it = LevelIterator(self.data.n_downstream, c.upper_batch_size, c.seed, "bissl-head-warmup")
+        it = LevelIterator(self.data.n_downstream, c.upper_batch_size, c.seed, "bissl-head-warmup",
+                           keep_partial=c.partial_batch == "keep")
         self.upper.train()
         for epoch in range(c.head_warmup_epochs):
             it.epoch, it.pos = epoch, 0
             losses = []
             for b in range(it.per_epoch):
-                x, y = self._downstream(it.next(), ("head", epoch, b))
+                x, y, weight = self._downstream(it.next(), ("head", epoch, b))
                 with torch.no_grad():
                     feats = self.upper(x)
-                loss = F.cross_entropy(self.head(feats), y)
+                loss = _weighted(F.cross_entropy(self.head(feats), y), weight)
                 value = distributed.mean_value(loss.detach())
-                if not torch.isfinite(value):
+                if not torch.isfinite(value) and c.nonfinite_loss == "raise":
                     raise FloatingPointError(f"head warm-up loss is {value.item()} at epoch {epoch + 1}, step {b + 1} "
                                              f"(upper_lr {c.upper_lr:g}); no checkpoint of this run was written")
                 opt.zero_grad(set_to_none=True)
@@ -448,14 +592,14 @@ class BisslTrainer:
         theta_d = list(self.upper.parameters())
         phi_d = list(self.head.parameters())
         try:
-            for k in range(c.upper_steps):
+            for k in range(self.upper_steps):
                 lr = self.upper_lr(self.upper_step)
                 for group in self.upper_opt.param_groups:
                     group["lr"] = lr
-                x_in, y = self._downstream(self.upper_it.next(), ("upper", self.upper_step))
+                x_in, y, weight = self._downstream(self.upper_it.next(), ("upper", self.upper_step))
                 # implicit term: the upper head on the lower backbone
                 with isolated_bn_buffers(self.lower.backbone, keep_updates=c.bn_stats == "update"):
-                    implicit_loss = F.cross_entropy(self.head(self.lower.backbone(x_in)), y)
+                    implicit_loss = _weighted(F.cross_entropy(self.head(self.lower.backbone(x_in)), y), weight)
                 implicit_value = distributed.mean_value(implicit_loss.detach())
                 self._check_finite(implicit_value, "upper implicit loss", k)
                 grads = distributed.reduce_mean(torch.autograd.grad(implicit_loss, theta_p + phi_d))
@@ -469,7 +613,7 @@ class BisslTrainer:
                 if self.solve_observer is not None:
                     self.solve_observer(op, v, sol)
                 # classic term: the upper model itself
-                classic_loss = F.cross_entropy(self.head(self.upper(x_in)), y)
+                classic_loss = _weighted(F.cross_entropy(self.head(self.upper(x_in)), y), weight)
                 classic_value = distributed.mean_value(classic_loss.detach())
                 self._check_finite(classic_value, "upper classic loss", k)
                 g_classic = distributed.reduce_mean(torch.autograd.grad(classic_loss, theta_d + phi_d))
@@ -536,7 +680,7 @@ class BisslTrainer:
         return {"val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]}
 
     def _check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
-        if not torch.isfinite(value):
+        if not torch.isfinite(value) and self.cfg.nonfinite_loss == "raise":
             raise FloatingPointError(f"{what} is {value.item()} at stage {self.stage + 1}, step {step + 1}; "
                                      f"the last good checkpoint is kept in {str(self.out_dir)!r}")
 
@@ -565,7 +709,7 @@ class BisslTrainer:
         while self.stage < target:
             t0 = time.perf_counter()
             self.lower_it.begin_stage(self.stage, c.lower_steps)
-            self.upper_it.begin_stage(self.stage, c.upper_steps)
+            self.upper_it.begin_stage(self.stage, self.upper_steps)
             self._stage_lower_idx = []
             lower_recs = []
             for rec in self.lower_phase():
@@ -636,7 +780,7 @@ class BisslTrainer:
                 self.log.clear()  # records of a run killed before its first checkpoint
             return False
         ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, signature=_signature(self.lower.backbone))
-        conflicts = config_conflicts(ckpt["config"], self.cfg, RESUMABLE_FIELDS)
+        conflicts = config_conflicts({**SAVED_DEFAULTS, **ckpt["config"]}, self.cfg, RESUMABLE_FIELDS)
         if conflicts:
             raise CheckpointError(f"{str(self.out_dir)!r} holds a BiSSL run with another config "
                                   f"({'; '.join(conflicts)}). Choose another out_dir, or delete "
@@ -666,6 +810,25 @@ class AveragedOperator:
     def release(self):
         for op in self.ops:
             op.release()
+
+
+def upper_steps_per_stage(upper_steps: int, batches: int, rule: str) -> int:
+    """Upper steps a stage takes when the downstream loader has ``batches`` < N_U batches (spec §2.5):
+    'cycle' N_U (V3), 'truncate' N_U // L (V1, C9: Flowers gets 2, DTD 1), 'whole_passes' ⌊N_U/L⌋·L (V2)."""
+    if batches >= upper_steps or rule == "cycle":
+        return upper_steps
+    if rule == "truncate":
+        return upper_steps // batches
+    return upper_steps // batches * batches
+
+
+def _weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """A rank's mean loss on the scale of the global batch's (``weight`` 1: unchanged, bit for bit)."""
+    return loss if weight == 1.0 else loss * weight
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in module.modules())
 
 
 def _signature(backbone: nn.Module) -> dict:

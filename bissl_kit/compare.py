@@ -174,10 +174,21 @@ def paired_ttest(a, b, confidence: float = 0.95) -> dict:
 
 def matched_settings(bissl_config: dict) -> dict:
     """What the matched continuation copies from a BiSSL run: its lower level's steps and optimiser."""
-    c = bissl_config
-    return {"steps": c["stages"] * c["lower_steps"], "batch_size": c["lower_batch_size"], "lr": c["lower_lr"],
-            "weight_decay": c["lower_weight_decay"], "momentum": c["lower_momentum"], "warmup": c["lower_warmup"],
-            "clip": c["lower_clip"], "official_first_step": c["official_first_step"], "seed": c["seed"]}
+    from .bissl import SAVED_DEFAULTS as BISSL_SAVED
+
+    c = {**BISSL_SAVED, **bissl_config}
+    s = {"steps": c["stages"] * c["lower_steps"], "batch_size": c["lower_batch_size"], "lr": c["lower_lr"],
+         "weight_decay": c["lower_weight_decay"], "momentum": c["lower_momentum"], "warmup": c["lower_warmup"],
+         "clip": c["lower_clip"], "official_first_step": c["official_first_step"], "seed": c["seed"]}
+    # settings added later are present only where they differ from what every earlier continuation ran, so
+    # that those keep their settings (and folder names) and resume
+    if c["lower_warmup_passes"] is not None:
+        s["warmup_passes"] = c["lower_warmup_passes"]
+    if c["pretext_forward"] != "joint":
+        s["pretext_forward"] = c["pretext_forward"]
+    if c["partial_batch"] != "drop":
+        s["partial_batch"] = c["partial_batch"]
+    return s
 
 
 def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: str | Path, *, data_root=None,
@@ -186,7 +197,7 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
     level's LARS settings and schedule (λ = 0: no proximal term, no upper level); resumable; returns the
     checkpoint (kind ``pretext_matched``). As in BiSSL, a BYOL target restarts from the online weights."""
     from .augment import two_views
-    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, SAVED_DEFAULTS, load_pretrained, pretext_view_specs
+    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, as_run, load_pretrained, pretext_view_specs
 
     out = Path(out_dir)
     path = out / "checkpoint.pt"
@@ -197,10 +208,10 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
     s = settings
     opt = LARS(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], momentum=s["momentum"])
     step = 0
-    pre_id = {k: v for k, v in pre.to_dict().items() if k not in PRE_RESUMABLE}
+    pre_id = {k: v for k, v in as_run(pre.to_dict()).items() if k not in PRE_RESUMABLE}
     if path.exists():
         ckpt = load_checkpoint(path, kind=MATCHED_KIND)
-        saved_pre = {k: v for k, v in {**SAVED_DEFAULTS, **ckpt["pretrain_config"]}.items() if k not in PRE_RESUMABLE}
+        saved_pre = {k: v for k, v in as_run(ckpt["pretrain_config"]).items() if k not in PRE_RESUMABLE}
         if ckpt["settings"] != s or saved_pre != pre_id:
             raise CheckpointError(f"{str(out)!r} holds a matched continuation of another pretext run or with other "
                                   f"settings ({ckpt['settings']} vs {s}); choose another out_dir or delete it")
@@ -212,7 +223,14 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
     model.to(device)
     images = data_mod.load_pretext(pre.pretext_dataset, root=data_root, image_size=pre.image_size)
     views = pretext_view_specs(pre, images.shape[1])
-    per_epoch = len(images) // s["batch_size"]
+    model.pretext_forward = s.get("pretext_forward", "joint")
+    n, b = len(images), s["batch_size"]
+    partial = n % b if s.get("partial_batch", "drop") == "keep" else 0
+    if partial == 1:
+        raise ConfigError(f"lower_batch_size={b} with partial_batch='keep' leaves a last pretext batch of 1 image, "
+                          "which BatchNorm cannot normalise; choose another lower_batch_size")
+    per_epoch = n // b + (1 if partial else 0)
+    warmup = s["warmup"] if s["warmup"] is not None else s["warmup_passes"] * per_epoch
 
     def save():
         save_checkpoint(path, {"kind": MATCHED_KIND, "step": step, "settings": s, "pretrain_config": pre.to_dict(),
@@ -227,7 +245,7 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
         order = torch.randperm(len(images), generator=generator(s["seed"], "matched-pretext-order", epoch))
         x = images[order[i * s["batch_size"]:(i + 1) * s["batch_size"]]].to(device)
         v1, v2 = two_views(x, *views, generator(s["seed"], "matched-pretext-views", step))
-        lr = warmup_cosine(step, base_lr=s["lr"], warmup=s["warmup"], total=s["steps"],
+        lr = warmup_cosine(step, base_lr=s["lr"], warmup=warmup, total=s["steps"],
                            official_first_step=s["official_first_step"])
         set_lr(opt, lr)
         loss = model.loss(v1, v2)
@@ -254,7 +272,7 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
 def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | Path) -> dict:
     """The config of a finished BiSSL run on ``task`` started from ``pretrain_checkpoint``'s pretext run."""
     from .bissl import CHECKPOINT_KIND as BISSL_KIND
-    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE
+    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, as_run
 
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
@@ -270,8 +288,8 @@ def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | P
         raise ConfigError(f"the BiSSL run {str(run_dir)!r} is for task "
                           f"{task_name(cfg['downstream'], cfg['labels_per_class'])!r}, not {task!r}")
     pre = load_checkpoint(pretrain_checkpoint, kind="pretrain")
-    same = {k: v for k, v in pre["config"].items() if k not in PRE_RESUMABLE}
-    used = {k: v for k, v in ckpt["meta"]["pretrain_config"].items() if k not in PRE_RESUMABLE}
+    same = {k: v for k, v in as_run(pre["config"]).items() if k not in PRE_RESUMABLE}
+    used = {k: v for k, v in as_run(ckpt["meta"]["pretrain_config"]).items() if k not in PRE_RESUMABLE}
     if json_norm(same) != json_norm(used):
         diff = [k for k in same if json_norm(same[k]) != json_norm(used.get(k))]
         raise ConfigError(f"the BiSSL run {str(run_dir)!r} started from another pretext run than "

@@ -170,7 +170,7 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
             with out:
                 print(f"not run: {e}")
             return
-        dashboard.reconfigure(trainer.cfg.lower_steps, trainer.cfg.upper_steps)
+        dashboard.reconfigure(trainer.cfg.lower_steps, trainer.upper_steps)
         button.disabled = True
         try:
             for rec in trainer.run(n.value):

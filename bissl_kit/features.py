@@ -231,8 +231,8 @@ def _same_architecture(a, b) -> bool:
 
 def _lineage_differences(a, b) -> str:
     """The pre-training settings (other than bookkeeping such as out_dir) in which two configs differ."""
-    from .pretrain import RESUMABLE_FIELDS
-    da, db = a.to_dict(), b.to_dict()
+    from .pretrain import RESUMABLE_FIELDS, as_run
+    da, db = as_run(a.to_dict()), as_run(b.to_dict())
     return "; ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if k not in RESUMABLE_FIELDS and da[k] != db.get(k))
 
 

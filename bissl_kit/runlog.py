@@ -41,10 +41,10 @@ class MetricsLog:
         self.path.unlink(missing_ok=True)
 
 
-def config_conflicts(saved: dict, cfg: Config, ignore: frozenset[str]) -> list[str]:
-    """Fields whose saved value differs from ``cfg``, except those in ``ignore`` (fields that do not
-    change the numbers a run produces); compared as JSON, so tuples and lists are alike."""
-    now = cfg.to_dict()
+def config_conflicts(saved: dict, cfg: Config | dict, ignore: frozenset[str]) -> list[str]:
+    """Fields whose saved value differs from ``cfg`` (a config or its dict), except those in ``ignore``
+    (fields that do not change the numbers a run produces); compared as JSON, so tuples and lists are alike."""
+    now = cfg if isinstance(cfg, dict) else cfg.to_dict()
     return [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
             if k not in ignore and json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(v))]
 

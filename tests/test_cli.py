@@ -13,6 +13,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 
+def test_bissl_presets_take_the_options_as_overrides_and_derive_from_them():
+    import argparse
+
+    from bissl_kit.__main__ import config_from_args
+    from bissl_kit.bissl import BisslConfig
+
+    def parsed(preset=None, **values):
+        return config_from_args(BisslConfig, argparse.Namespace(paper_mode=False, preset=preset, **values))
+
+    assert parsed("paper_neurips", lower_steps="10", downstream="dtd") == \
+        BisslConfig.paper_neurips(lower_steps=10, downstream="dtd")
+    assert parsed("paper_neurips", lower_steps="10").lower_warmup == 100
+    assert parsed("paper_neurips_byol", downstream="dtd").upper_lr == 0.015
+    assert parsed("paper_iclr", lower_warmup="50").lower_warmup_passes is None
+    assert parsed(lower_warmup_passes="3").lower_warmup is None  # the warm-up given replaces the other one
+    assert parsed() == BisslConfig.embedded()
+
+
 def cli(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "bissl_kit", *map(str, args)], cwd=cwd, env=env,
@@ -61,6 +79,10 @@ def test_every_stage_from_the_command_line(tmp_path, monkeypatch):
     (["compare", "--tasks", "digits", "fashion_mnist:50"], "bissl_runs has 1 entries but tasks has 2"),
     (["bissl", "--paper-mode", "--stages", "0"], "stages=0 is out of range"),
     (["finetune", "--epochs", "ten"], "'ten' is not a int"),
+    (["bissl", "--preset", "paper_neurips", "--downstream", "digits"],
+     "for downstream='digits' pass upper_lr and upper_weight_decay"),
+    (["bissl", "--preset", "paper_iclr", "--paper-mode"], "--preset and --paper-mode are alternatives"),
+    (["bissl", "--lower-warmup", "3", "--lower-warmup-passes", "2"], "exactly one of the two must be set"),
 ])
 def test_bad_values_are_refused_before_anything_runs(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

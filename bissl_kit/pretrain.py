@@ -52,15 +52,13 @@ class PretrainConfig(Config):
     byol_ema: float = param(0.99, "BYOL target EMA momentum", low=0, high=1, high_inclusive=False)
     proj_hidden: int = param(256, "projector hidden width", low=1)
     proj_dim: int = param(256, "projector output width", low=1)
-    # None = the chain's own: the paper's chain runs the official algorithm (spec §2.3, §2.5); the embedded
-    # one keeps what it ran before these fields existed (the README's paper-mode section has the measurement)
-    pretext_forward: str | None = param(None, "the two views through backbone and projector: 'per_view' (official: "
-                                        "one forward per view, BatchNorm statistics per view) or 'joint' (one "
-                                        "forward of both); None = the chain's own (paper 'per_view', embedded "
-                                        "'joint')", choices=PRETEXT_FORWARDS)
-    partial_batch: str | None = param(None, "the last batch of an epoch when batch_size does not divide the "
-                                      "pretext set: 'keep' (official DataLoader) or 'drop'; None = the chain's "
-                                      "own (paper 'keep', embedded 'drop')", choices=("keep", "drop"))
+    # the official algorithm (spec §2.3, §2.5); on the embedded benchmark 'joint' was no faster and its k-NN
+    # no better (experiments/pretext_forward/README.md)
+    pretext_forward: str = param("per_view", "the two views through backbone and projector: 'per_view' (official: "
+                                 "one forward per view, BatchNorm statistics per view) or 'joint' (one forward of "
+                                 "both, BatchNorm statistics over the two views mixed)", choices=PRETEXT_FORWARDS)
+    partial_batch: str = param("keep", "the last batch of an epoch when batch_size does not divide the pretext set: "
+                               "'keep' (official DataLoader) or 'drop'", choices=("keep", "drop"))
     # Augmentation
     crop_scale: tuple[float, float] = param((0.3, 1.0), "random-resized-crop area fraction range", low=0, high=1)
     # None = the chain's own value. The embedded 1-channel chain has no flip (digits, the embedded
@@ -119,20 +117,6 @@ class PretrainConfig(Config):
             raise ConfigError(f"lowres_size={self.lowres_size!r} must be (min, max) with 1 <= min <= max <= "
                               f"image_size={self.image_size}")
 
-    @property
-    def effective_forward(self) -> str:
-        """``pretext_forward`` as run (None resolved to the chain's own)."""
-        if self.pretext_forward is not None:
-            return self.pretext_forward
-        return "per_view" if self.paper_augment else "joint"
-
-    @property
-    def effective_partial_batch(self) -> str:
-        """``partial_batch`` as run (None resolved to the chain's own)."""
-        if self.partial_batch is not None:
-            return self.partial_batch
-        return "keep" if self.paper_augment else "drop"
-
     @classmethod
     def from_saved(cls, values: dict):
         """The config of a run saved by an earlier version of the kit: fields added since then take
@@ -145,11 +129,9 @@ SAVED_DEFAULTS = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "join
 
 
 def as_run(values: dict) -> dict:
-    """A saved or current pre-training config as it runs: fields added since it was saved take
-    :data:`SAVED_DEFAULTS`, and the fields whose None means "the chain's own" are resolved, so that two
-    configs that train alike compare equal."""
-    cfg = PretrainConfig.from_saved(values)
-    return {**cfg.to_dict(), "pretext_forward": cfg.effective_forward, "partial_batch": cfg.effective_partial_batch}
+    """A saved or current pre-training config as it ran: fields added since it was saved take
+    :data:`SAVED_DEFAULTS`, so that two configs that train alike compare equal."""
+    return PretrainConfig.from_saved(values).to_dict()
 
 
 # The k-NN monitor's BN protocols (PretrainConfig.knn_bn), as printed beside its numbers.
@@ -188,7 +170,7 @@ def build_model(cfg: PretrainConfig, in_channels: int):
     torch.manual_seed(cfg.seed)  # initialisation is the only draw from the global generator
     backbone = build_backbone(cfg.arch, in_channels=in_channels, width=cfg.width, small_stem=cfg.small_stem)
     return build_pretext(cfg.method, backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
-                         temperature=cfg.temperature, byol_ema=cfg.byol_ema, pretext_forward=cfg.effective_forward)
+                         temperature=cfg.temperature, byol_ema=cfg.byol_ema, pretext_forward=cfg.pretext_forward)
 
 
 def load_pretrained(path: str | Path, *, map_location="cpu"):
@@ -232,7 +214,7 @@ class Pretrainer:
                               momentum=cfg.momentum)
         self.step = 0
         n, b = len(self.images), cfg.batch_size
-        self.partial = n % b if cfg.effective_partial_batch == "keep" else 0  # size of an epoch's short last batch
+        self.partial = n % b if cfg.partial_batch == "keep" else 0  # size of an epoch's short last batch
         if self.partial == 1:
             raise ConfigError(f"batch_size={b} with partial_batch='keep' leaves a last batch of 1 image per epoch "
                               f"({n} = {n // b}·{b} + 1), which BatchNorm cannot normalise; choose another "

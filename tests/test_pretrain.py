@@ -155,35 +155,31 @@ def test_a_config_saved_before_lowres_and_knn_bn_reads_as_what_it_ran():
     assert PretrainConfig.from_saved(PretrainConfig().to_dict()) == PretrainConfig()  # new ones unchanged
 
 
-def test_the_paper_chain_runs_one_forward_per_view_and_keeps_the_partial_batch(tiny_pretrain):
+def test_pretraining_runs_one_forward_per_view_and_keeps_the_partial_batch(tiny_pretrain):
     from bissl_kit.pretrain import PretrainConfig, as_run
-    assert (PretrainConfig().effective_forward, PretrainConfig().effective_partial_batch) == ("joint", "drop")
-    paper = PretrainConfig(paper_augment=True, image_size=16)
-    assert (paper.effective_forward, paper.effective_partial_batch) == ("per_view", "keep")
-    assert PretrainConfig(paper_augment=True, pretext_forward="joint").effective_forward == "joint"
-    # a run saved before the fields existed ran joint forwards and dropped the partial batch, whatever its chain
-    old = paper.to_dict()
+    assert (PretrainConfig().pretext_forward, PretrainConfig().partial_batch) == ("per_view", "keep")
+    # a run saved before the fields existed ran joint forwards and dropped the partial batch
+    old = PretrainConfig().to_dict()
     del old["pretext_forward"], old["partial_batch"]
     assert (as_run(old)["pretext_forward"], as_run(old)["partial_batch"]) == ("joint", "drop")
     # 60,000 Fashion-MNIST images in batches of 7: 8571 full batches and one of 3
-    cfg = tiny_pretrain.replace(batch_size=7, partial_batch="keep", pretext_forward="per_view", steps=3)
-    trainer = Pretrainer(cfg)
+    trainer = Pretrainer(tiny_pretrain.replace(batch_size=7, steps=3))
     assert (trainer.partial, trainer.batches_per_epoch) == (3, 8572)
     assert trainer.model.pretext_forward == "per_view"
     assert len(trainer.batch(8571)) == 3 and len(trainer.batch(8572)) == 7  # the epoch's last batch, then the next epoch
+    dropped = Pretrainer(tiny_pretrain.replace(batch_size=7, steps=3, partial_batch="drop", pretext_forward="joint"))
+    assert (dropped.partial, dropped.batches_per_epoch, dropped.model.pretext_forward) == (0, 8571, "joint")
     with pytest.raises(ConfigError, match=r"batch_size=59999 with partial_batch='keep' leaves a last batch of 1 image"):
-        Pretrainer(tiny_pretrain.replace(batch_size=59_999, partial_batch="keep"))
+        Pretrainer(tiny_pretrain.replace(batch_size=59_999))
 
 
-def test_a_run_saved_before_the_forward_fields_resumes(tiny_pretrain):
-    import json
-    first = Pretrainer(tiny_pretrain.replace(steps=3, warmup_steps=1))
-    list(first.run())
+def test_a_run_saved_before_the_forward_fields_resumes_only_as_what_it_ran(tiny_pretrain):
+    cfg = tiny_pretrain.replace(steps=3, warmup_steps=1, pretext_forward="joint", partial_batch="drop")
+    list(Pretrainer(cfg).run())
     path = f"{tiny_pretrain.out_dir}/checkpoint.pt"
     ckpt = torch.load(path, weights_only=False)
     del ckpt["config"]["pretext_forward"], ckpt["config"]["partial_batch"]
     torch.save(ckpt, path)
-    resumed = Pretrainer(tiny_pretrain.replace(steps=3, warmup_steps=1))  # no conflict: None means joint, drop here
-    assert resumed.step == 3 and json.loads(json.dumps(resumed.cfg.pretext_forward)) is None
+    assert Pretrainer(cfg).step == 3  # what the old run ran: no conflict
     with pytest.raises(CheckpointError, match="pretext_forward: saved 'joint', now 'per_view'"):
-        Pretrainer(tiny_pretrain.replace(steps=3, warmup_steps=1, pretext_forward="per_view"))
+        Pretrainer(cfg.replace(pretext_forward="per_view"))

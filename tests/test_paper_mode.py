@@ -334,3 +334,28 @@ def test_presets_derive_the_lower_warm_up_and_the_upper_lr_from_the_sizes_they_a
         BisslConfig.embedded(lower_warmup=3, lower_warmup_passes=2)
     for preset in (iclr, neurips, BisslConfig.embedded(paper_mode=True)):
         assert (preset.pretext_forward, preset.partial_batch, preset.nonfinite_loss) == ("per_view", "keep", "continue")
+
+
+def test_a_nan_loss_stops_at_once_or_runs_on_as_the_official_code_never_saving_the_nan_state(tmp_path):
+    def poisoned():
+        lower, upper, head, data = bn_problem()
+        views = data.pretext_views
+
+        def nan_views(idx, tag):  # the second lower step's views are NaN
+            v1, v2 = views(idx, tag)
+            return (v1 * float("nan"), v2) if tag == ("lower", 1) else (v1, v2)
+        data.pretext_views = nan_views
+        return lower, upper, head, data
+
+    with pytest.raises(FloatingPointError, match="lower pretext loss is nan at stage 1, step 2"):
+        list(BisslTrainer(config(1.0, nonfinite_loss="raise", head_warmup_epochs=0), *poisoned(),
+                          out_dir=tmp_path / "raise").run())
+    trainer = BisslTrainer(config(1.0, head_warmup_epochs=0), *poisoned(), out_dir=tmp_path / "continue")
+    records = []
+    with pytest.raises(FloatingPointError, match="bissl checkpoint at stage 1 not written: non-finite values"), \
+            pytest.warns(RuntimeWarning, match="non-finite entries in the solution replaced by torch.nan_to_num"):
+        for rec in trainer.run():
+            records.append(rec)
+    # it trained on through the NaN (all 3 lower and 2 upper steps of stage 1), and wrote no NaN checkpoint
+    assert [r["kind"] for r in records] == ["lower"] * 3 + ["upper"] * 2
+    assert math.isnan(records[1]["pretext_loss"]) and not (tmp_path / "continue" / "checkpoint.pt").exists()

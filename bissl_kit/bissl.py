@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,13 @@ from torch import nn
 
 from . import data as data_mod
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .backbones import recipe_of
+from .checkpoint import CheckpointError, content_signature
 from .config import Config, ConfigError, param
 from .implicit import HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers
 from .optim import LARS, set_lr, warmup_cosine
 from .rng import generator, resolve_device
-from .runlog import MetricsLog, config_conflicts, progress_bar
+from .rundir import RunDir, progress_bar
 
 CHECKPOINT_KIND = "bissl"
 
@@ -74,9 +75,6 @@ FAST_MODE = dict(solver="minres", cg_iters=1, cg_rtol=1e-2, warm_start="none", h
                  upper_short_loader="cycle", nonfinite_loss="raise")
 # K when cg_iters is None: the official count for the official-style solvers, one for MINRES (above)
 DEFAULT_SOLVER_ITERS = {"layerwise": 5, "cg": 5, "minres": 1}
-# What a saved config without these fields (written before they existed) ran with.
-SAVED_DEFAULTS = {"pretext_forward": "joint", "partial_batch": "drop", "upper_short_loader": "cycle",
-                  "nonfinite_loss": "raise", "lower_warmup_passes": None}
 
 # V3's upper lr / weight decay per downstream set and pretext method (spec §2.5, from its models/*.json),
 # under the kit's dataset names; the other V3 settings are the same for every set
@@ -95,12 +93,12 @@ PAPER_NEURIPS_UPPER = {
 @dataclass(frozen=True)
 class BisslConfig(Config):
     # Inputs
-    pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P")
+    pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P", resumable=True)
     downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)", choices=tuple(data_mod.DATASETS))
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
-    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
     # Stage counts
-    stages: int = param(20, "T: bilevel stages (paper 500)", low=1)
+    stages: int = param(20, "T: bilevel stages (paper 500)", low=1, resumable=True)
     lower_steps: int = param(20, "N_L: lower (pretext) steps per stage", low=0)
     upper_steps: int = param(8, "N_U: upper (downstream) steps per stage", low=0)
     head_warmup_epochs: int = param(20, "epochs of linear-head warm-up on the frozen θ_D before stage 1", low=0)
@@ -160,11 +158,11 @@ class BisslConfig(Config):
     official_first_step: bool = param(True, "schedules run their first step at the full base lr (official, C13)")
     # Running
     seed: int = param(0, "seed of head init, batch order and augmentations", low=0)
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (bissl_kit.distributed.SyncBatchNorm, "
                           "exact against one process) instead of per-rank shards (official); no effect in one process")
-    out_dir: str = param("runs/bissl", "run directory: checkpoint, metrics, config")
-    progress: bool = param(True, "show a tqdm progress bar")
+    out_dir: str = param("runs/bissl", "run directory: checkpoint, metrics, config", resumable=True)
+    progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
     @property
     def solver_iters(self) -> int:
@@ -187,16 +185,15 @@ class BisslConfig(Config):
             raise ConfigError(f"hessian_batches={self.hessian_batches} exceeds lower_steps={self.lower_steps} "
                               "with hessian_batch='lower'")
 
-    @classmethod
-    def from_saved(cls, values: dict) -> "BisslConfig":
-        """The config of a run saved by an earlier version of the kit (see :data:`SAVED_DEFAULTS`)."""
-        return cls.from_dict({**SAVED_DEFAULTS, **values})
+    # what a saved config without these fields (written before they existed) ran with
+    SAVED_DEFAULTS: ClassVar[dict] = {"pretext_forward": "joint", "partial_batch": "drop", "upper_short_loader": "cycle",
+                                      "nonfinite_loss": "raise", "lower_warmup_passes": None}
 
     # ---- presets ---------------------------------------------------------------------------------
     # Each preset is the official algorithm *for the sizes it is given*: what the official code derives
     # from other settings (the lower warm-up, V3's per-dataset upper lr) is derived from the values
     # after the overrides, unless an override sets it itself.
-    _PAPER_COUNTS = dict(stages=500, lower_steps=20, upper_steps=8, head_warmup_epochs=20, lam=1e-3, damping=10.0,
+    _PAPER_COUNTS: ClassVar[dict] = dict(stages=500, lower_steps=20, upper_steps=8, head_warmup_epochs=20, lam=1e-3, damping=10.0,
                          lower_batch_size=1024, lower_lr=1.0, lower_weight_decay=1e-6, upper_batch_size=256)
 
     @classmethod
@@ -247,10 +244,6 @@ def _one_warmup(values: dict, overrides: dict) -> dict:
     if "lower_warmup_passes" in overrides and "lower_warmup" not in overrides:
         return {**values, "lower_warmup": None}
     return values
-
-
-# fields that do not change the numbers a run produces
-RESUMABLE_FIELDS = frozenset({"progress", "device", "out_dir", "data_root", "pretrain_checkpoint", "stages"})
 
 
 # ---- small helpers -----------------------------------------------------------------------------------
@@ -373,12 +366,15 @@ class BisslTrainer:
     """
 
     def __init__(self, cfg: BisslConfig, lower: nn.Module, upper_backbone: nn.Module, head: nn.Module,
-                 data: BilevelData, *, device: torch.device | str = "cpu", out_dir: str | Path | None = None):
+                 data: BilevelData, *, device: torch.device | str = "cpu", out_dir: str | Path | None = None,
+                 identity: dict | None = None, lineage: dict | None = None):
         self.cfg, self.lower, self.upper, self.head, self.data = cfg, lower, upper_backbone, head, data
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        # under torchrun only rank 0 logs and writes checkpoints (every rank resumes from them)
-        self.log = MetricsLog(self.out_dir) if self.out_dir is not None and distributed.is_main() else None
+        # the run folder (None: an in-memory run); under torchrun rank 0 alone locks, logs and writes
+        self.run_dir = (RunDir(self.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
+                        if self.out_dir is not None else None)
+        self.log = self.run_dir.log if self.run_dir is not None and distributed.is_main() else None
         self._distributed_setup()
         self.names = [n for n, _ in lower.backbone.named_parameters()]
         if self.names != [n for n, _ in upper_backbone.named_parameters()]:
@@ -406,10 +402,11 @@ class BisslTrainer:
         self.history: list[dict] = []  # stage records
         self.last_pretext_grad = None  # ∇_θP L_P of the last lower step (alignment diagnostics)
         self._stage_lower_idx: list[torch.Tensor] = []
-        self.meta: dict = {}           # what build_trainer needs to rebuild the models (saved with the state)
         # called as solve_observer(operator, v, solution) after every hypergradient solve; lets a benchmark
         # or a notebook inspect the linear systems without changing the run
         self.solve_observer: Callable | None = None
+        if self.run_dir is not None:
+            self.run_dir.open()  # every check passed: now the folder is ours (a second process is refused)
 
     def _check_partial_batches(self) -> None:
         """Refuse, before any step, a kept last batch that the run cannot use: one of a single sample
@@ -692,6 +689,15 @@ class BisslTrainer:
         ``replay=True`` first yields the records a resumed run logged before (so a re-executed
         notebook redraws the whole history). Stages past ``cfg.stages`` keep the schedules at their
         final values."""
+        if self.run_dir is not None:
+            self.run_dir.open()
+        try:
+            yield from self._run(stages, replay)
+        finally:  # the folder is free for others once the run ends or stops
+            if self.run_dir is not None:
+                self.run_dir.close()
+
+    def _run(self, stages: int | None, replay: bool) -> Iterator[dict]:
         c = self.cfg
         if replay and self.log is not None:
             yield from self.log.records()
@@ -743,15 +749,17 @@ class BisslTrainer:
 
     # ---- persistence -----------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"lower": self.lower.state_dict(), "upper": self.upper.state_dict(), "head": self.head.state_dict(),
+        """What resuming needs besides the two backbones (saved by role, see :meth:`save`)."""
+        rest = {k: v for k, v in self.lower.state_dict().items() if not k.startswith("backbone.")}
+        return {"lower_rest": rest, "head": self.head.state_dict(), "num_classes": self.data.num_classes,
                 "lower_opt": self.lower_opt.state_dict(), "upper_opt": self.upper_opt.state_dict(),
                 "lower_it": self.lower_it.state(), "upper_it": self.upper_it.state(), "stage": self.stage,
                 "lower_step": self.lower_step, "upper_step": self.upper_step, "head_warm": self.head_warm,
                 "last_pretext_grad": self.last_pretext_grad, "history": self.history}
 
-    def load_state(self, s: dict) -> None:
-        self.lower.load_state_dict(s["lower"])
-        self.upper.load_state_dict(s["upper"])
+    def load_state(self, backbones: dict, s: dict) -> None:
+        self.lower.load_state_dict({**{"backbone." + k: v for k, v in backbones["lower"].items()}, **s["lower_rest"]})
+        self.upper.load_state_dict(backbones["upper"])
         self.head.load_state_dict(s["head"])
         self.lower_opt.load_state_dict(s["lower_opt"])
         self.upper_opt.load_state_dict(s["upper_opt"])
@@ -762,34 +770,57 @@ class BisslTrainer:
 
     @property
     def checkpoint_path(self) -> Path | None:
-        return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+        return None if self.run_dir is None else self.run_dir.checkpoint_path
 
     def save(self) -> None:
-        if self.out_dir is None or not distributed.is_main():
+        if self.run_dir is None:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(self.cfg.to_json())
-        save_checkpoint(self.checkpoint_path, {"kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(),
-                                               "step": self.stage, "signature": _signature(self.lower.backbone),
-                                               "meta": self.meta, "state": self.state()})
+        sig = getattr(self.lower.backbone, "signature", None)  # the kit's ResNets; a toy backbone has no recipe
+        self.run_dir.save(step=self.stage, backbone=recipe_of(self.lower.backbone) if sig else {"builder": None},
+                          backbones={"lower": self.lower.backbone.state_dict(), "upper": self.upper.state_dict()},
+                          state=self.state())
 
     def resume(self) -> bool:
-        """Load the run directory's checkpoint if there is one (True); otherwise start a fresh log."""
-        path = self.checkpoint_path
-        if path is None or not path.exists():
-            if self.log is not None:
-                self.log.clear()  # records of a run killed before its first checkpoint
+        """Load the run folder's checkpoint if it holds one of this run (True); otherwise start a fresh log."""
+        if self.run_dir is None:
             return False
-        ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, signature=_signature(self.lower.backbone))
-        conflicts = config_conflicts({**SAVED_DEFAULTS, **ckpt["config"]}, self.cfg, RESUMABLE_FIELDS)
-        if conflicts:
-            raise CheckpointError(f"{str(self.out_dir)!r} holds a BiSSL run with another config "
-                                  f"({'; '.join(conflicts)}). Choose another out_dir, or delete "
-                                  f"{str(path)!r} to start afresh.")
-        self.load_state(ckpt["state"])
-        if self.log is not None:
-            self.log.keep(lambda r: r.get("stage", 0) <= self.stage)  # drop a killed stage's records
+        recipe = recipe_of(self.lower.backbone) if hasattr(self.lower.backbone, "signature") else {"builder": None}
+        try:  # a killed stage's records go
+            ckpt = self.run_dir.resume(lambda ck: lambda r: r.get("stage", 0) <= ck["step"], recipe=recipe)
+        except BaseException:
+            self.run_dir.close()
+            raise
+        if ckpt is None:
+            return False
+        self.load_state(ckpt["backbones"], ckpt["state"])
         return True
+
+    # fields a fork cannot change: they fix the data, the batches or the models the state belongs to
+    FIXED_IN_FORK = ("pretrain_checkpoint", "downstream", "labels_per_class", "seed", "lower_batch_size",
+                     "upper_batch_size", "partial_batch", "head_warmup_epochs", "sync_bn")
+
+    def fork(self, cfg: BisslConfig) -> Path | None:
+        """Go on under ``cfg`` in a new run folder that records this run's folder and the stage it branched
+        at (:meth:`bissl_kit.rundir.RunDir.fork`); this folder keeps the stages run so far and their config.
+        Returns the new folder (None for an in-memory run, whose config is simply replaced)."""
+        fixed = [f"{k}: {getattr(self.cfg, k)!r} → {getattr(cfg, k)!r}" for k in self.FIXED_IN_FORK
+                 if getattr(cfg, k) != getattr(self.cfg, k)]
+        if fixed:
+            raise ConfigError(f"a running BiSSL stage cannot change {'; '.join(fixed)}; start a new run instead")
+        for group in self.upper_opt.param_groups:
+            group.update(momentum=cfg.upper_momentum, weight_decay=cfg.upper_weight_decay)
+        for group in self.lower_opt.param_groups:
+            group.update(momentum=cfg.lower_momentum, weight_decay=cfg.lower_weight_decay)
+        self.lower.pretext_forward = cfg.pretext_forward
+        if self.run_dir is None:
+            self.cfg = cfg
+            return None
+        new = self.run_dir.fork(cfg, step=self.stage)
+        self.run_dir.close()
+        self.run_dir = new.open()
+        self.cfg, self.out_dir, self.log = new.cfg, new.path, new.log if distributed.is_main() else None
+        self.save()  # the fork's folder starts at the branch point
+        return new.path
 
     def _log(self, rec: dict) -> None:
         if self.log is not None:
@@ -830,11 +861,6 @@ def _weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
 
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in module.modules())
-
-
-def _signature(backbone: nn.Module) -> dict:
-    sig = getattr(backbone, "signature", None)
-    return sig() if sig is not None else {}
 
 
 def _mean(values) -> float:
@@ -896,10 +922,12 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
     upper = copy.deepcopy(lower.backbone)
     torch.manual_seed(cfg.seed)
     head = linear_head(upper.feat_dim, data.num_classes)
+    # the run depends on the content of the pre-training checkpoint, not on where it lies
+    signature = content_signature(cfg.pretrain_checkpoint)
     trainer = BisslTrainer(cfg, lower.to(device), upper.to(device), head.to(device), data, device=device,
-                           out_dir=cfg.out_dir)
-    trainer.meta = {"pretrain_config": pre_cfg.to_dict(), "num_classes": data.num_classes,
-                    "in_channels": lower.backbone.in_channels}
+                           out_dir=cfg.out_dir, identity={"pretrain_checkpoint": signature},
+                           lineage={"pretrain_config": pre_cfg.to_dict(),
+                                    "init": {"checkpoint": str(cfg.pretrain_checkpoint), "signature": signature}})
     if resume:
         trainer.resume()
     return trainer
@@ -908,13 +936,8 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
 def load_lower_backbone(path: str | Path):
     """θ_P of a BiSSL checkpoint (the stage's result, to be fine-tuned) and the pre-training config
     that describes its architecture."""
-    from .models import build_backbone
-    from .pretrain import PretrainConfig
-
-    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
-    pre = PretrainConfig.from_saved(ckpt["meta"]["pretrain_config"])
-    backbone = build_backbone(pre.arch, in_channels=ckpt["meta"]["in_channels"], width=pre.width,
-                              small_stem=pre.small_stem)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state"]["lower"].items() if k.startswith(prefix)})
-    return backbone, pre
+    from .backbones import load_backbone
+    loaded = load_backbone(path, "lower")
+    if loaded.kind != CHECKPOINT_KIND:
+        raise CheckpointError(f"{str(path)!r} holds a {loaded.kind!r} checkpoint, expected 'bissl'")
+    return loaded.backbone, loaded.pretrain_config

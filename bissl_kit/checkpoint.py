@@ -1,13 +1,28 @@
-"""Checkpoints: a plain dict (kind, config, step, states, signature), written atomically.
+"""The checkpoint: one format for every stage, written atomically, read in one place.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk and renamed over
-the old one, so a run killed at any moment leaves either the previous complete checkpoint or the new
-complete one, never half a file. Loading checks the kind, the format and the backbone signature and
-names what differs, before any state is touched.
+A checkpoint is a plain dict:
+
+* ``kind``: the stage that wrote it, ``"pretrain"``, ``"bissl"`` or ``"finetune"``;
+* ``format``: :data:`FORMAT`; older files are converted when read (:func:`upgrade`);
+* ``config``: the stage's config as run; ``step``: finished steps (pre-training), stages (BiSSL) or
+  epochs (fine-tuning);
+* ``backbone``: how to rebuild the backbone (a recipe for :func:`bissl_kit.backbones.build_backbone`),
+  and ``backbones``: its state by role: ``pretrained`` (pre-training), ``lower`` θ_P and ``upper`` θ_D
+  (BiSSL), ``finetuned`` (fine-tuning: the reported model's);
+* ``lineage``: where the run comes from: the pre-training config its backbone descends from
+  (``pretrain_config``, which also fixes the image size and normalisation), the checkpoint it started
+  from (``init``, with the content signature of that file), the run it was forked from (``parent``);
+* ``state``: what the stage needs to resume (optimisers, heads, iterators, history).
+
+Writing goes to a temporary file in the same folder, flushed to disk and renamed over the old one, so
+a run killed at any moment leaves either the previous complete checkpoint or the new one, never half
+a file; a state with a NaN or Inf is never written. Reading checks the kind and the format and names
+what is wrong before any state is touched. :func:`load_checkpoint` is the kit's one ``torch.load``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +30,10 @@ from typing import Any
 
 import torch
 
-FORMAT = 1
+FORMAT = 2
+KINDS = ("pretrain", "bissl", "finetune")
+# what a stage's ``step`` counts, for messages
+STEP_UNITS = {"pretrain": "step", "bissl": "stage", "finetune": "epoch"}
 
 
 class CheckpointError(RuntimeError):
@@ -28,8 +46,8 @@ class RunConflictError(CheckpointError):
 
 
 def nonfinite_entries(obj: Any, prefix: str = "") -> list[str]:
-    """Names (``model['backbone.bn1.running_var']``) of the floating-point tensors in ``obj`` (nested dicts,
-    lists, tuples) that hold a NaN or an Inf."""
+    """Names (``backbones['lower']['bn1.running_var']``) of the floating-point tensors in ``obj`` (nested
+    dicts, lists, tuples) that hold a NaN or an Inf."""
     if isinstance(obj, torch.Tensor):
         return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
     out = []
@@ -54,12 +72,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         kind = payload.get("kind", "unknown")
-        unit = {"bissl": "stage", "finetune": "epoch"}.get(kind, "step")
         kept = (f"the last good checkpoint {str(path)!r} is kept unchanged" if path.exists()
                 else f"no checkpoint was written to {str(path)!r}")
         raise FloatingPointError(
-            f"{kind} checkpoint at {unit} {payload.get('step')} not written: non-finite values (NaN/Inf) in "
-            f"{shown}; the run diverged and {kept} (lower the learning rate, or clip gradients)")
+            f"{kind} checkpoint at {STEP_UNITS.get(kind, 'step')} {payload.get('step')} not written: non-finite "
+            f"values (NaN/Inf) in {shown}; the run diverged and {kept} (lower the learning rate, or clip gradients)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -74,9 +91,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
-                    signature: dict | None = None) -> dict[str, Any]:
-    """Read a checkpoint, checking that it is complete, of ``kind`` and for ``signature``."""
+def load_checkpoint(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read a checkpoint of any format (converted to the current one), checking that it is complete and,
+    when ``kind`` is given, of that kind (or one of those kinds)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -85,17 +102,83 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None,
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or truncated "
                               f"({type(e).__name__}: {e}); delete it or point to another file") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a bissl_kit checkpoint of format {FORMAT}")
-    if kind is not None and ckpt.get("kind") != kind:
-        raise CheckpointError(f"{str(path)!r} holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
-    if signature is not None:
-        check_signature(ckpt.get("signature", {}), signature, where=str(path))
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, FORMAT):
+        raise CheckpointError(f"{str(path)!r} is not a bissl_kit checkpoint (format {FORMAT} or older)")
+    ckpt = upgrade(ckpt)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and ckpt["kind"] not in kinds:
+        expected = " or ".join(repr(k) for k in kinds)
+        raise CheckpointError(f"{str(path)!r} holds a {ckpt['kind']!r} checkpoint, expected {expected}")
     return ckpt
 
 
-def check_signature(found: dict, expected: dict, *, where: str) -> None:
-    """Raise naming every architecture field that differs between a checkpoint and the model."""
-    diffs = [f"{k}: checkpoint {found.get(k)!r} vs model {v!r}" for k, v in expected.items() if found.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"checkpoint {where!r} is for another architecture ({'; '.join(diffs)})")
+def content_signature(checkpoint: str | os.PathLike | dict) -> str:
+    """A hash of what a run started from a checkpoint depends on: its kind, step, backbones and, for a
+    pre-training checkpoint, the rest of the pretext model (projector, BYOL target). ``checkpoint``: its
+    path, or the dict read. A moved or copied file keeps it; another run's checkpoint does not."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((ckpt["kind"], ckpt["step"])).encode())
+    parts = {f"backbones.{role}": sd for role, sd in ckpt["backbones"].items()}
+    if "rest" in ckpt.get("state", {}):
+        parts["rest"] = ckpt["state"]["rest"]
+    for part in sorted(parts):
+        for name, t in sorted(parts[part].items()):
+            h.update(f"{part}.{name}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- older formats -----------------------------------------------------------------------------------------
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _rest(state: dict, prefix: str = "backbone.") -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def _recipe(signature: dict, in_channels: int) -> dict:
+    return {"builder": "resnet", **{"in_channels": in_channels, **signature}}
+
+
+def upgrade(ckpt: dict) -> dict:
+    """A format-1 checkpoint (four layouts, one per kind) in the current format. Pre-training, BiSSL and
+    fine-tuning runs keep the state they resume from; a format-1 compute-matched continuation
+    (``pretext_matched``) becomes a pre-training checkpoint whose lineage names the run it continued."""
+    if ckpt.get("format") == FORMAT:
+        return ckpt
+    kind = ckpt["kind"]
+    out = {"format": FORMAT, "step": ckpt["step"]}
+    if kind == "pretrain":
+        return {**out, "kind": "pretrain", "config": ckpt["config"],
+                "backbone": _recipe(ckpt["signature"], ckpt["in_channels"]),
+                "backbones": {"pretrained": _strip(ckpt["model"], "backbone.")},
+                "lineage": {"pretrain_config": ckpt["config"]},
+                "state": {"rest": _rest(ckpt["model"]), "optimizer": ckpt["optimizer"]}}
+    if kind == "pretext_matched":
+        return {**out, "kind": "pretrain", "config": ckpt["pretrain_config"],
+                "backbone": _recipe(ckpt["signature"], ckpt["in_channels"]),
+                "backbones": {"pretrained": _strip(ckpt["model"], "backbone.")},
+                "lineage": {"pretrain_config": ckpt["pretrain_config"],
+                            "init": {"checkpoint": ckpt["pretrain_checkpoint"], "continued_steps": ckpt["step"],
+                                     "settings": ckpt["settings"]}},
+                "state": {"rest": _rest(ckpt["model"]), "optimizer": ckpt["optimizer"]}}
+    if kind == "bissl":
+        meta, state = ckpt["meta"], ckpt["state"]
+        return {**out, "kind": "bissl", "config": ckpt["config"],
+                "backbone": _recipe(ckpt["signature"], meta["in_channels"]),
+                "backbones": {"lower": _strip(state["lower"], "backbone."), "upper": state["upper"]},
+                "lineage": {"pretrain_config": meta["pretrain_config"]},
+                "state": {**{k: v for k, v in state.items() if k not in ("lower", "upper")},
+                          "lower_rest": _rest(state["lower"]), "num_classes": meta["num_classes"]}}
+    if kind == "finetune":
+        reported = ckpt.get("reported") or ckpt["model"]
+        return {**out, "kind": "finetune", "config": ckpt["config"],
+                "backbone": _recipe(ckpt["signature"], ckpt["in_channels"]),
+                "backbones": {"finetuned": reported["backbone"]},
+                "lineage": {"pretrain_config": ckpt["pretrain_config"], "init": ckpt["source"]},
+                "state": {k: ckpt.get(k) for k in ("model", "optimizer", "best", "reported", "history", "result",
+                                                   "num_classes")}}
+    raise CheckpointError(f"a format-1 checkpoint of unknown kind {kind!r}")

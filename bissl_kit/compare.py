@@ -38,17 +38,17 @@ import torch
 
 from . import data as data_mod
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .backbones import load_backbone
+from .checkpoint import CheckpointError, content_signature, load_checkpoint
 from .config import Config, ConfigError, param
-from .finetune import FinetuneConfig, frozen_metrics, load_backbone, load_data, task_name
+from .finetune import FinetuneConfig, describe_source, frozen_metrics, load_data, task_name
 from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates, write_json
-from .optim import LARS, set_lr, warmup_cosine
-from .rng import generator, resolve_device
-from .runlog import config_conflicts, progress_bar
+from .rng import resolve_device
+from .stats import mean_ci, paired_ttest
+from .rundir import config_conflicts, progress_bar
 
 ARMS = ("baseline", "baseline_matched", "bissl")
 ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
-MATCHED_KIND = "pretext_matched"
 MATCHED_CHECKPOINT_EVERY = 50  # pretext steps between checkpoints of the matched continuation
 
 
@@ -76,8 +76,8 @@ class CompareConfig(Config):
                                                          "started from pretrain_checkpoint")
     arms: tuple[str, ...] = param(("baseline_matched", "bissl"), f"pipelines to compare, from {', '.join(ARMS)}")
     # Search (the same for every arm)
-    trials: int = param(4, "random-search trials per arm and task (the paper: 100–200)", low=1)
-    seeds: int = param(3, "final runs per arm and task at the chosen values, seeds 0..N-1 (the paper: 10)", low=1)
+    trials: int = param(4, "random-search trials per arm and task (the paper: 100–200)", low=1, resumable=True)
+    seeds: int = param(3, "final runs per arm and task at the chosen values, seeds 0..N-1 (the paper: 10)", low=1, resumable=True)
     search_seed: int = param(0, "seed of the candidate (lr, wd) pairs, shared by all arms", low=0)
     lr_range: tuple[float, float] = param(LR_RANGE, "log-uniform range of the SGD learning rate (official)",
                                           low=0, low_inclusive=False)
@@ -97,13 +97,13 @@ class CompareConfig(Config):
     probe: bool = param(True, "also a linear probe on the frozen features")
     probe_epochs: int = param(100, "epochs of the linear probe", low=1)
     # Running
-    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    out_dir: str = param("runs/compare", "run directory: matched continuations, search trials and seed runs")
-    results_dir: str | None = param(None, "where comparison.json/.csv/.md go; None = out_dir")
-    figures_dir: str | None = param(None, "export the comparison figure here; None = no export")
-    figure_stem: str = param("05_comparison", "file name (without extension) of the exported figure")
-    progress: bool = param(True, "show a tqdm progress bar over the runs")
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
+    out_dir: str = param("runs/compare", "run directory: matched continuations, search trials and seed runs", resumable=True)
+    results_dir: str | None = param(None, "where comparison.json/.csv/.md go; None = out_dir", resumable=True)
+    figures_dir: str | None = param(None, "export the comparison figure here; None = no export", resumable=True)
+    figure_stem: str = param("05_comparison", "file name (without extension) of the exported figure", resumable=True)
+    progress: bool = param(True, "show a tqdm progress bar over the runs", resumable=True)
 
     def check(self):
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
@@ -134,137 +134,45 @@ class CompareConfig(Config):
                               select=self.select, seed=0, device=self.device, out_dir=out_dir, progress=False)
 
 
-# ---- statistics ------------------------------------------------------------------------------------------
-
-def mean_ci(values, confidence: float = 0.95) -> dict:
-    """Mean and two-sided t-interval: mean ± t_{(1+c)/2, n−1} · s/√n (s with n − 1 in the denominator).
-    With n < 2 the interval is undefined (NaN)."""
-    from scipy import stats
-
-    x = np.asarray(list(values), dtype=float)
-    n = len(x)
-    if n == 0:
-        raise ValueError("mean_ci needs at least one value")
-    mean = float(x.mean())
-    sd = float(x.std(ddof=1)) if n > 1 else math.nan
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "half_width": half, "sd": sd, "n": n,
-            "confidence": confidence}
-
-
-def paired_ttest(a, b, confidence: float = 0.95) -> dict:
-    """Two-sided paired t-test of a − b: t = mean(d)/(s_d/√n) with n − 1 degrees of freedom, and the
-    t-interval of the mean difference. NaN when n < 2 or every difference is equal."""
-    from scipy import stats
-
-    a, b = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples must have the same length ({len(a)} vs {len(b)})")
-    d = a - b
-    ci = mean_ci(d, confidence) if len(d) else None
-    n = len(d)
-    se = ci["sd"] / math.sqrt(n) if n > 1 else math.nan
-    t = ci["mean"] / se if n > 1 and se > 0 else math.nan
-    p = float(2 * stats.t.sf(abs(t), n - 1)) if not math.isnan(t) else math.nan
-    return {"n": n, "mean_diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "t": t, "df": n - 1, "p": p,
-            "confidence": confidence, "test": f"two-sided paired t-test over seeds, n = {n}"}
-
-
 # ---- the compute-matched baseline: extra pretext steps ---------------------------------------------------
 
-def matched_settings(bissl_config: dict) -> dict:
-    """What the matched continuation copies from a BiSSL run: its lower level's steps and optimiser."""
-    from .bissl import SAVED_DEFAULTS as BISSL_SAVED
+def matched_config(cfg: CompareConfig, bissl_config: dict) -> "PretrainConfig":
+    """The compute-matched baseline's run: the pretext run of ``cfg.pretrain_checkpoint`` continued for as
+    many steps as the BiSSL run's lower level took (stages × N_L), with its LARS settings, batch, schedule,
+    clipping, pretext forward and seed, and without the proximal term or an upper level. A BYOL target
+    restarts from the online weights, as in BiSSL. Runs in ``<out_dir>/pretext_matched_<steps>_<key>``,
+    one per distinct setting (tasks whose BiSSL runs agree share it)."""
+    from .bissl import BisslConfig
+    from .pretrain import PretrainConfig, as_run
 
-    c = {**BISSL_SAVED, **bissl_config}
-    s = {"steps": c["stages"] * c["lower_steps"], "batch_size": c["lower_batch_size"], "lr": c["lower_lr"],
-         "weight_decay": c["lower_weight_decay"], "momentum": c["lower_momentum"], "warmup": c["lower_warmup"],
-         "clip": c["lower_clip"], "official_first_step": c["official_first_step"], "seed": c["seed"]}
-    # settings added later are present only where they differ from what every earlier continuation ran, so
-    # that those keep their settings (and folder names) and resume
-    if c["lower_warmup_passes"] is not None:
-        s["warmup_passes"] = c["lower_warmup_passes"]
-    if c["pretext_forward"] != "joint":
-        s["pretext_forward"] = c["pretext_forward"]
-    if c["partial_batch"] != "drop":
-        s["partial_batch"] = c["partial_batch"]
-    return s
+    b = BisslConfig.from_saved({k: v for k, v in bissl_config.items() if k in BisslConfig.field_names()})
+    parent = load_checkpoint(cfg.pretrain_checkpoint, kind="pretrain")
+    steps = b.stages * b.lower_steps
+    warmup = b.lower_warmup
+    if warmup is None:  # V1's warm-up in passes over the pretext batches, as the BiSSL stage derives it
+        pre = PretrainConfig.from_saved(parent["config"])
+        n = len(data_mod.load_pretext(pre.pretext_dataset, root=cfg.data_root, image_size=pre.image_size))
+        per_pass = n // b.lower_batch_size + (1 if b.partial_batch == "keep" and n % b.lower_batch_size else 0)
+        warmup = b.lower_warmup_passes * per_pass
+    values = {**as_run(parent["config"]), "init_checkpoint": str(cfg.pretrain_checkpoint), "steps": steps,
+              "batch_size": b.lower_batch_size, "lr": b.lower_lr, "weight_decay": b.lower_weight_decay,
+              "momentum": b.lower_momentum, "warmup_steps": warmup, "clip_grad_norm": b.lower_clip,
+              "official_first_step": b.official_first_step, "seed": b.seed, "pretext_forward": b.pretext_forward,
+              "partial_batch": b.partial_batch, "bf16": False, "knn_every": 0,
+              "checkpoint_every": MATCHED_CHECKPOINT_EVERY, "data_root": cfg.data_root, "device": cfg.device,
+              "progress": cfg.progress}
+    identity = PretrainConfig.from_dict({**values, "out_dir": "."}).identity()
+    key = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=4).hexdigest()
+    return PretrainConfig.from_dict({**values, "out_dir": str(Path(cfg.out_dir) / f"pretext_matched_{steps}_{key}")})
 
 
-def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: str | Path, *, data_root=None,
-                     device="cpu", progress: bool = False) -> Path:
-    """Continue pre-training from ``pretrain_checkpoint`` for ``settings['steps']`` steps with the BiSSL lower
-    level's LARS settings and schedule (λ = 0: no proximal term, no upper level); resumable; returns the
-    checkpoint (kind ``pretext_matched``). As in BiSSL, a BYOL target restarts from the online weights."""
-    from .augment import two_views
-    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, as_run, load_pretrained, pretext_view_specs
-
-    out = Path(out_dir)
-    path = out / "checkpoint.pt"
-    device = resolve_device(device) if isinstance(device, str) else device
-    model, pre = load_pretrained(pretrain_checkpoint)
-    if hasattr(model, "reset_target"):
-        model.reset_target()
-    s = settings
-    opt = LARS(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], momentum=s["momentum"])
-    step = 0
-    pre_id = {k: v for k, v in as_run(pre.to_dict()).items() if k not in PRE_RESUMABLE}
-    if path.exists():
-        ckpt = load_checkpoint(path, kind=MATCHED_KIND)
-        saved_pre = {k: v for k, v in as_run(ckpt["pretrain_config"]).items() if k not in PRE_RESUMABLE}
-        if ckpt["settings"] != s or saved_pre != pre_id:
-            raise CheckpointError(f"{str(out)!r} holds a matched continuation of another pretext run or with other "
-                                  f"settings ({ckpt['settings']} vs {s}); choose another out_dir or delete it")
-        if ckpt["step"] >= s["steps"]:
-            return path
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    model.to(device)
-    images = data_mod.load_pretext(pre.pretext_dataset, root=data_root, image_size=pre.image_size)
-    views = pretext_view_specs(pre, images.shape[1])
-    model.pretext_forward = s.get("pretext_forward", "joint")
-    n, b = len(images), s["batch_size"]
-    partial = n % b if s.get("partial_batch", "drop") == "keep" else 0
-    if partial == 1:
-        raise ConfigError(f"lower_batch_size={b} with partial_batch='keep' leaves a last pretext batch of 1 image, "
-                          "which BatchNorm cannot normalise; choose another lower_batch_size")
-    per_epoch = n // b + (1 if partial else 0)
-    warmup = s["warmup"] if s["warmup"] is not None else s["warmup_passes"] * per_epoch
-
-    def save():
-        save_checkpoint(path, {"kind": MATCHED_KIND, "step": step, "settings": s, "pretrain_config": pre.to_dict(),
-                               "pretrain_checkpoint": str(pretrain_checkpoint), "in_channels": images.shape[1],
-                               "signature": model.backbone.signature(), "model": model.state_dict(),
-                               "optimizer": opt.state_dict()})
-
-    bar = progress_bar(progress, total=s["steps"], initial=step, desc="matched pretext steps", unit="step")
-    model.train()
-    while step < s["steps"]:
-        epoch, i = divmod(step, per_epoch)
-        order = torch.randperm(len(images), generator=generator(s["seed"], "matched-pretext-order", epoch))
-        x = images[order[i * s["batch_size"]:(i + 1) * s["batch_size"]]].to(device)
-        v1, v2 = two_views(x, *views, generator(s["seed"], "matched-pretext-views", step))
-        lr = warmup_cosine(step, base_lr=s["lr"], warmup=warmup, total=s["steps"],
-                           official_first_step=s["official_first_step"])
-        set_lr(opt, lr)
-        loss = model.loss(v1, v2)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"matched pretext loss is {loss.item()} at step {step + 1} (lr {lr:.4g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if s["clip"] is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"])
-        opt.step()
-        model.update_target()
-        step += 1
-        if bar is not None:
-            bar.update(1)
-        if step == s["steps"] or step % MATCHED_CHECKPOINT_EVERY == 0:
-            save()
-    if bar is not None:
-        bar.close()
-    return path
+def run_matched(pre_cfg) -> Path:
+    """Run (or resume, or just re-read) the matched continuation; its checkpoint."""
+    from .pretrain import Pretrainer
+    trainer = Pretrainer(pre_cfg)
+    for _ in trainer.run():
+        pass
+    return trainer.checkpoint_path
 
 
 # ---- the BiSSL runs ---------------------------------------------------------------------------------------
@@ -272,7 +180,7 @@ def continue_pretext(pretrain_checkpoint: str | Path, settings: dict, out_dir: s
 def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | Path) -> dict:
     """The config of a finished BiSSL run on ``task`` started from ``pretrain_checkpoint``'s pretext run."""
     from .bissl import CHECKPOINT_KIND as BISSL_KIND
-    from .pretrain import RESUMABLE_FIELDS as PRE_RESUMABLE, as_run
+    from .pretrain import PretrainConfig, as_run
 
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
@@ -287,20 +195,23 @@ def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | P
     if task_name(cfg["downstream"], cfg["labels_per_class"]) != task:
         raise ConfigError(f"the BiSSL run {str(run_dir)!r} is for task "
                           f"{task_name(cfg['downstream'], cfg['labels_per_class'])!r}, not {task!r}")
-    pre = load_checkpoint(pretrain_checkpoint, kind="pretrain")
-    same = {k: v for k, v in as_run(pre["config"]).items() if k not in PRE_RESUMABLE}
-    used = {k: v for k, v in as_run(ckpt["meta"]["pretrain_config"]).items() if k not in PRE_RESUMABLE}
-    if json_norm(same) != json_norm(used):
-        diff = [k for k in same if json_norm(same[k]) != json_norm(used.get(k))]
-        raise ConfigError(f"the BiSSL run {str(run_dir)!r} started from another pretext run than "
-                          f"{str(pretrain_checkpoint)!r} (differs in {', '.join(diff)})")
+    started = ckpt["lineage"].get("init", {}).get("signature")
+    if started is not None:  # the run recorded what it started from: the content must be this checkpoint's
+        if started != content_signature(pretrain_checkpoint):
+            raise ConfigError(f"the BiSSL run {str(run_dir)!r} started from another pre-training checkpoint than "
+                              f"{str(pretrain_checkpoint)!r} (their contents differ)")
+    else:  # a format-1 run: compare the pre-training settings
+        skip = PretrainConfig.resumable_fields()
+        pre = load_checkpoint(pretrain_checkpoint, kind="pretrain")
+        same = {k: v for k, v in as_run(pre["config"]).items() if k not in skip}
+        used = {k: v for k, v in as_run(ckpt["lineage"]["pretrain_config"]).items() if k not in skip}
+        if json_norm(same) != json_norm(used):
+            diff = [k for k in same if json_norm(same[k]) != json_norm(used.get(k))]
+            raise ConfigError(f"the BiSSL run {str(run_dir)!r} started from another pretext run than "
+                              f"{str(pretrain_checkpoint)!r} (differs in {', '.join(diff)})")
     return {**cfg, "finished_stages": ckpt["step"]}
 
 
-# fields that do not change the runs or the numbers already in a results file: a comparison may be re-run
-# with other values of these (more trials or seeds extend the same search)
-RESUMABLE_FIELDS = frozenset({"progress", "device", "data_root", "figures_dir", "figure_stem", "results_dir",
-                              "out_dir", "trials", "seeds"})
 # the fields of CompareConfig that every fine-tuning run of the search copies
 _SEARCH_FIELDS = ("epochs", "batch_size", "momentum", "eval_every", "select", "labels_seed")
 
@@ -316,7 +227,7 @@ def check_earlier_results(cfg: CompareConfig, candidates) -> None:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"results_dir: {str(results)!r} is not a comparison.json written by bissl_kit "
                               f"({type(e).__name__}: {e}); choose another results_dir or delete it") from None
-        conflicts = config_conflicts(saved, cfg, RESUMABLE_FIELDS)
+        conflicts = config_conflicts(saved, cfg.to_dict(), cfg.resumable_fields())
         if conflicts:
             raise ConfigError(f"results_dir: {str(results)!r} holds the results of a comparison with another config "
                               f"({'; '.join(conflicts)}). Choose another results_dir (and out_dir), or delete it.")
@@ -353,11 +264,7 @@ def arm_backbones(cfg: CompareConfig, task: str, bissl_run: str, bissl_cfg: dict
         elif arm == "bissl":
             paths[arm] = str(Path(bissl_run) / "checkpoint.pt")
         else:  # one continuation per distinct lower-level setting, shared by the tasks whose BiSSL runs agree
-            settings = matched_settings(bissl_cfg)
-            key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=4).hexdigest()
-            paths[arm] = str(continue_pretext(cfg.pretrain_checkpoint, settings,
-                                              Path(cfg.out_dir) / f"pretext_matched_{settings['steps']}_{key}",
-                                              data_root=cfg.data_root, device=cfg.device, progress=progress))
+            paths[arm] = str(run_matched(matched_config(cfg, bissl_cfg)))
     return paths
 
 
@@ -393,7 +300,8 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
     for task, bissl_run in zip(cfg.tasks, cfg.bissl_runs):
         bissl_cfg = check_bissl_run(bissl_run, task, cfg.pretrain_checkpoint)
         backbones = arm_backbones(cfg, task, bissl_run, bissl_cfg, progress=cfg.progress)
-        _, pre_cfg, _ = load_backbone(cfg.pretrain_checkpoint)
+        pretrained = load_backbone(cfg.pretrain_checkpoint)
+        pre_cfg, pre_backbone = pretrained.pretrain_config, pretrained.backbone
         name, labels = parse_task(task)
         data = load_data(name, pre_cfg, labels_per_class=labels, labels_seed=cfg.labels_seed, data_root=cfg.data_root)
         entry = {"task": task, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test()),
@@ -401,14 +309,15 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
                      "stages", "lower_steps", "upper_steps", "lower_batch_size", "upper_batch_size", "gamma", "lam",
                      "damping", "solver", "cg_iters", "upper_lr", "upper_weight_decay", "seed")}},
                  "matched_extra_steps": bissl_cfg["stages"] * bissl_cfg["lower_steps"], "arms": {}, "paired": []}
-        pre_backbone = load_backbone(cfg.pretrain_checkpoint)[0]
         loaded = {arm: load_backbone(backbones[arm]) for arm in cfg.arms}
-        entry["distance_from_pretext"] = {arm: relative_distance(loaded[arm][0], pre_backbone) for arm in cfg.arms}
+        entry["distance_from_pretext"] = {arm: relative_distance(loaded[arm].backbone, pre_backbone)
+                                          for arm in cfg.arms}
         if {"bissl", "baseline_matched"} <= set(cfg.arms):
-            entry["distance_bissl_to_matched"] = relative_distance(loaded["bissl"][0], loaded["baseline_matched"][0],
+            entry["distance_bissl_to_matched"] = relative_distance(loaded["bissl"].backbone,
+                                                                   loaded["baseline_matched"].backbone,
                                                                    reference=pre_backbone)
         for arm in cfg.arms:
-            backbone, _, source = loaded[arm]
+            backbone, source = loaded[arm].backbone, describe_source(loaded[arm])
             frozen = frozen_metrics(backbone, data, split="test", knn_k=cfg.knn_k,
                                     knn_temperature=cfg.knn_temperature, probe=cfg.probe,
                                     probe_epochs=cfg.probe_epochs, device=resolve_device(cfg.device))

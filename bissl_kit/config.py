@@ -1,9 +1,11 @@
 """Validated configuration dataclasses: one per stage, the same object from notebook to solver.
 
-A field is declared with :func:`param`, which records its help text and the values it allows. Every
-field is checked when the config is built (type, range, choices), and the error names the field, the
-value and what is allowed. Unknown keys are an error, never a warning: a misspelt papermill parameter
-must not silently run the default.
+A field is declared with :func:`param`, which records its help text, the values it allows and whether
+it is ``resumable``: a field that does not change the numbers a run produces (where it writes, how it
+reports, which device), so a run folder may resume under another value of it. Every field is checked
+when the config is built (type, range, choices), and the error names the field, the value and what is
+allowed. Unknown keys are an error, never a warning: a misspelt papermill parameter must not silently
+run the default.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ class ConfigError(ValueError):
 
 
 def param(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-          high: float | None = None, low_inclusive: bool = True, high_inclusive: bool = True) -> Any:
+          high: float | None = None, low_inclusive: bool = True, high_inclusive: bool = True,
+          resumable: bool = False) -> Any:
     """Declare a config field with its allowed values.
 
-    ``low``/``high`` bound numbers (and every element of a tuple); ``choices`` lists the allowed values.
+    ``low``/``high`` bound numbers (and every element of a tuple); ``choices`` lists the allowed values;
+    ``resumable=True`` marks a field that does not change the numbers of a run (see the module docstring).
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high,
-            "low_inclusive": low_inclusive, "high_inclusive": high_inclusive}
+            "low_inclusive": low_inclusive, "high_inclusive": high_inclusive, "resumable": resumable}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in configs; use a tuple")
     return dataclasses.field(default=default, metadata=meta)
@@ -133,6 +137,24 @@ class Config:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def resumable_fields(cls) -> frozenset[str]:
+        """The fields declared ``resumable``: a run may resume under other values of these."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable"))
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]):
+        """The config of a run saved by an earlier version of the kit: fields added since take the value
+        that reproduces what that run did (``SAVED_DEFAULTS`` of the class), renamed fields their new
+        name (``RENAMED``), not today's defaults."""
+        values = {getattr(cls, "RENAMED", {}).get(k, k): v for k, v in values.items()}
+        return cls.from_dict({**getattr(cls, "SAVED_DEFAULTS", {}), **values})
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the numbers of a run: all but the resumable ones."""
+        skip = self.resumable_fields()
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):

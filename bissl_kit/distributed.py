@@ -446,7 +446,7 @@ def loss_module(model: nn.Module) -> Callable:
 
 
 class NullLog:
-    """What the ranks other than 0 log: nothing (the interface of :class:`bissl_kit.runlog.MetricsLog`)."""
+    """What the ranks other than 0 log: nothing (the interface of :class:`bissl_kit.rundir.MetricsLog`)."""
 
     def append(self, record: dict) -> None:
         pass
@@ -454,9 +454,8 @@ class NullLog:
     def records(self) -> list[dict]:
         return []
 
-    def keep(self, predicate) -> None:
+    def repair(self, keep) -> None:
         pass
 
     def clear(self) -> None:
         pass
-

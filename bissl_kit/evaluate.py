@@ -1,4 +1,9 @@
-"""Frozen-backbone evaluation: feature extraction and weighted k-NN accuracy.
+"""Frozen-backbone evaluation: features, weighted k-NN, linear probe, silhouette, and the one entry point.
+
+:func:`evaluate_frozen` is what every stage calls (the pre-training monitor, fine-tuning's and the
+comparison's frozen numbers, notebook 04): features of a train and an eval split under a stated
+BatchNorm protocol, then whichever of the k-NN, the linear probe and the silhouette is asked for, each
+returned with its protocol string.
 
 The k-NN classifier is the weighted vote of DINO and solo-learn: features are L2-normalised, the k
 training samples with the highest cosine similarity s vote for their class with weight exp(s/T), and
@@ -14,6 +19,10 @@ random one "as they are" therefore compares two normalisation protocols. :func:`
 ("precise BN") gives a *copy* of the backbone whose running statistics are the exact average over a
 fixed set of un-augmented images (the pre-training monitor uses pretext images: no downstream data,
 no labels); applied to every network alike, random and trained are compared like for like.
+
+The silhouette of the true classes (:func:`silhouette_samples`, scikit-learn's): for an image, a =
+mean distance to its own class, b = mean distance to the nearest other class, s = (b − a)/max(a, b);
++1 separated classes, 0 overlapping, < 0 closer to another class.
 
 The linear probe (:func:`linear_probe`) is a multinomial logistic regression on frozen features,
 standardised with the train split's per-dimension mean and standard deviation, trained by mini-batch
@@ -52,21 +61,18 @@ def estimate_bn_stats(backbone: nn.Module, images: torch.Tensor, *, mean, std, b
     """A copy of ``backbone``, in eval mode, whose BN running statistics are estimated on the uint8
     ``images`` (N×C×H×W, normalised with mean/std, no augmentation): "precise BN".
 
-    Every BN layer's statistics are reset and re-accumulated as a cumulative average (momentum None)
-    of the per-batch statistics over the batches of ``images`` in train mode (one batch: exactly the
-    images' mean and unbiased variance; equal batches: the exact mean and the mean within-batch
-    variance), each layer seeing the output of the layers before it in train mode. ``backbone`` itself (parameters, buffers, train/eval mode) is not
-    touched. A backbone without BN layers is returned as an eval-mode copy."""
+    ``torch.optim.swa_utils.update_bn`` does it: every BN layer's statistics are reset and re-accumulated
+    as a cumulative average (momentum None) of the per-batch statistics over the batches of ``images``
+    in train mode (one batch: exactly the images' mean and unbiased variance; equal batches: the exact
+    mean and the mean within-batch variance), each layer seeing the output of the layers before it in
+    train mode. ``backbone`` itself (parameters, buffers, train/eval mode) is not touched. A backbone
+    without BN layers is returned as an eval-mode copy."""
+    from torch.optim.swa_utils import update_bn
+
     bb = copy.deepcopy(backbone).to(device)
     _local_batchnorm(bb)
-    bns = [m for m in bb.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: every batch weighs by its share, whatever the order
-    if bns:
-        bb.train()
-        for i in range(0, len(images), batch_size):
-            bb(normalize(images[i:i + batch_size].to(device), mean, std))
+    batches = (normalize(images[i:i + batch_size].to(device), mean, std) for i in range(0, len(images), batch_size))
+    update_bn(batches, bb)
     return bb.eval()
 
 
@@ -227,3 +233,100 @@ def _fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, *, e
             b.sub_(step_lr * mb)
             step += 1
     return w, b, mean, std
+
+
+# ---- class separability ----------------------------------------------------------------------------------
+
+def silhouette_samples(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine") -> torch.Tensor:
+    """Per-sample silhouette of the true classes in float64 (scikit-learn's; a sample alone in its class
+    gets 0, the usual convention)."""
+    from sklearn.metrics import silhouette_samples as sk_silhouette
+
+    x = feats.detach().to("cpu", torch.float64)
+    y = labels.detach().to("cpu", torch.long)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"silhouette: features must be N×D with one label each (got {tuple(x.shape)}, {len(y)} labels)")
+    if len(torch.unique(y)) < 2:
+        raise ValueError("silhouette: needs at least two classes")
+    return torch.from_numpy(sk_silhouette(x.numpy(), y.numpy(), metric=metric))
+
+
+@dataclass(frozen=True)
+class SeparabilityResult:
+    silhouette: float
+    metric: str
+    n: int
+    num_classes: int
+
+    def protocol(self) -> str:
+        return (f"silhouette of the true classes in feature space ({self.metric} distance), "
+                f"{self.n} samples, {self.num_classes} classes; +1 separated, 0 overlapping")
+
+
+def separability(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine") -> SeparabilityResult:
+    """Mean silhouette of the true classes in feature space."""
+    s = silhouette_samples(feats, labels, metric=metric)
+    return SeparabilityResult(s.mean().item(), metric, len(s), int(torch.unique(labels).numel()))
+
+
+# ---- the entry point -------------------------------------------------------------------------------------
+
+@dataclass
+class FrozenEvaluation:
+    """What :func:`evaluate_frozen` measured; ``None`` for what was not asked for."""
+
+    bn: str                                  # the BatchNorm protocol of the features
+    knn: KNNResult | None = None
+    knn_predictions: torch.Tensor | None = None  # the k-NN's class per eval sample
+    probe: ProbeResult | None = None
+    silhouette: SeparabilityResult | None = None
+    silhouette_samples: torch.Tensor | None = None
+    eval_features: torch.Tensor | None = None
+
+    def protocols(self, where: str) -> dict[str, str]:
+        """Each measurement's protocol, prefixed by ``where`` (e.g. 'digits val')."""
+        out = {}
+        for name, res in (("knn", self.knn), ("probe", self.probe), ("silhouette", self.silhouette)):
+            if res is not None:
+                out[name] = f"{where}, {res.protocol()}, {self.bn}"
+        return out
+
+
+def frozen_features(backbone: nn.Module, train_images: torch.Tensor, eval_images: torch.Tensor, *, mean, std,
+                    bn_images: torch.Tensor | None = None, device: str | torch.device = "cpu"):
+    """(train features, eval features) of a frozen backbone: pooled, eval-mode BatchNorm, no augmentation;
+    with ``bn_images`` the BN statistics are re-estimated on them first, on a copy (once for both splits)."""
+    kw = dict(mean=mean, std=std, device=device)
+    net = estimate_bn_stats(backbone, bn_images, **kw) if bn_images is not None else backbone
+    return extract_features(net, train_images, **kw), extract_features(net, eval_images, **kw)
+
+
+def evaluate_frozen(backbone: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+                    evaluation: tuple[torch.Tensor, torch.Tensor], *, mean, std, num_classes: int,
+                    bn_images: torch.Tensor | None = None, bn: str = "BN statistics as held",
+                    knn_k: int | None = 20, knn_temperature: float = 0.07, probe: dict | None = None,
+                    silhouette: str | None = None, keep_features: bool = False, seed: int = 0,
+                    device: str | torch.device = "cpu") -> FrozenEvaluation:
+    """A frozen backbone's numbers on an ``evaluation`` split (uint8 images, labels), with ``train`` as the
+    k-NN's memory and the probe's training set.
+
+    ``bn_images`` (uint8, unaugmented): BatchNorm statistics re-estimated on them first, on a copy
+    (:func:`estimate_bn_stats`), and ``bn`` names that protocol; else the statistics as the backbone
+    holds them. ``knn_k`` None skips the k-NN; ``probe`` (the :func:`linear_probe` settings: epochs, lr,
+    weight_decay) adds the probe; ``silhouette`` (a metric, 'cosine' or 'euclidean') adds the silhouette
+    of the eval split's true classes."""
+    train_f, eval_f = frozen_features(backbone, train[0], evaluation[0], mean=mean, std=std, bn_images=bn_images,
+                                      device=device)
+    out = FrozenEvaluation(bn, eval_features=eval_f if keep_features else None)
+    if knn_k is not None:
+        scores = knn_predict(train_f, train[1], eval_f, k=knn_k, temperature=knn_temperature, num_classes=num_classes)
+        out.knn_predictions = scores.argmax(1)
+        out.knn = KNNResult((out.knn_predictions == evaluation[1]).float().mean().item(), min(knn_k, len(train_f)),
+                            knn_temperature, len(train_f), len(eval_f))
+    if probe is not None:
+        out.probe = linear_probe(train_f, train[1], eval_f, evaluation[1], seed=seed, num_classes=num_classes, **probe)
+    if silhouette is not None:
+        out.silhouette_samples = silhouette_samples(eval_f, evaluation[1], metric=silhouette)
+        out.silhouette = SeparabilityResult(out.silhouette_samples.mean().item(), silhouette, len(eval_f),
+                                            int(torch.unique(evaluation[1]).numel()))
+    return out

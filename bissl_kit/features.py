@@ -46,9 +46,10 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from .checkpoint import CheckpointError, load_checkpoint
+from .backbones import load_backbone
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, param
-from .evaluate import estimate_bn_stats, extract_features, knn_accuracy, linear_probe
+from .evaluate import evaluate_frozen
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -129,68 +130,39 @@ class Stage:
     task: tuple[str, int | None] | None = None  # (downstream, labels_per_class) the stage was trained on, if any
 
 
-def load_pretrained_backbone(path) -> Stage:
-    from .pretrain import load_pretrained
-    model, pre = load_pretrained(path)
-    steps = load_checkpoint(path)["step"]
-    return Stage("pretrained", "pretrained", "pre-trained", model.backbone.eval(), pre,
-                 f"{path} ({pre.method}, {steps} steps)")
-
-
-def _bissl_source(path, ckpt) -> tuple[str, tuple]:
-    cfg = ckpt["config"]
-    n = ckpt["step"]
-    return (f"{path} ({n} stage{'' if n == 1 else 's'} of N_L {cfg['lower_steps']} / N_U {cfg['upper_steps']}, γ {cfg['gamma']:g})",
-            (cfg["downstream"], cfg.get("labels_per_class")))
-
-
-def load_bissl_lower(path) -> Stage:
-    """θ_P: the lower (pretext) backbone, the one BiSSL hands on to fine-tuning."""
-    from .bissl import load_lower_backbone
-    backbone, pre = load_lower_backbone(path)
-    text, task = _bissl_source(path, load_checkpoint(path, kind="bissl"))
-    return Stage("bissl_lower", "bissl_lower", "BiSSL θ_P (lower)", backbone.eval(), pre, text, task)
-
-
-def load_upper_backbone(path):
-    """θ_D of a BiSSL checkpoint (the upper, downstream backbone; the official code discards it) and the
-    pre-training config that describes its architecture. ``state["upper"]`` is the backbone's own
-    state_dict (no prefix), unlike ``state["lower"]``, which holds the whole pretext model."""
-    from .models import build_backbone
-    from .pretrain import PretrainConfig
-
-    ckpt = load_checkpoint(path, kind="bissl")
-    pre = PretrainConfig.from_saved(ckpt["meta"]["pretrain_config"])
-    backbone = build_backbone(pre.arch, in_channels=ckpt["meta"]["in_channels"], width=pre.width,
-                              small_stem=pre.small_stem)
-    backbone.load_state_dict(ckpt["state"]["upper"])
-    return backbone, pre
-
-
-def load_bissl_upper(path) -> Stage:
-    backbone, pre = load_upper_backbone(path)
-    text, task = _bissl_source(path, load_checkpoint(path, kind="bissl"))
-    return Stage("bissl_upper", "bissl_upper", "BiSSL θ_D (upper)", backbone.eval(), pre, text, task)
-
-
-FINETUNE_SOURCES = {"pretrain": ("baseline", "fine-tuned (baseline)"),
-                    "pretext_matched": ("matched", "fine-tuned (matched baseline)"),
+FINETUNE_SOURCES = {"pretrained": ("baseline", "fine-tuned (baseline)"),
+                    "matched": ("matched", "fine-tuned (matched baseline)"),
                     "bissl": ("bissl", "fine-tuned (BiSSL)")}
 
 
-def load_finetuned_backbone(path) -> Stage:
-    """The reported backbone of a fine-tuning run, labelled by the checkpoint it started from."""
-    from .finetune import load_finetuned
-    from .pretrain import PretrainConfig
+def _finetuned_from(source: dict) -> str:
+    """'pretrained', 'matched' (a continued pre-training run) or 'bissl': what a fine-tuned run started as."""
+    if source.get("kind") == "pretext_matched" or source.get("continued_from") is not None:
+        return "matched"
+    return {"pretrain": "pretrained"}.get(source.get("kind"), source.get("kind", "?"))
 
-    backbone, _head, cfg = load_finetuned(path)
-    ckpt = load_checkpoint(path, kind="finetune")
-    kind = (ckpt.get("source") or {}).get("kind", "?")
-    short, label = FINETUNE_SOURCES.get(kind, (kind, f"fine-tuned ({kind})"))
-    pre = PretrainConfig.from_saved(ckpt["pretrain_config"])
-    return Stage(f"finetuned_{short}", "finetuned", label, backbone.eval(), pre,
-                 f"{path} ({cfg.epochs} epochs, lr {cfg.lr:g}, wd {cfg.weight_decay:g}, from a {kind} checkpoint)",
-                 (cfg.downstream, cfg.labels_per_class))
+
+def load_stage(path, kind: str) -> Stage:
+    """The backbone of one checkpoint-backed stage kind (``pretrained``, ``bissl_lower``, ``bissl_upper``,
+    ``finetuned``), with its label and provenance, read once."""
+    # each role belongs to one checkpoint kind, so a checkpoint of another kind is refused by its role
+    role = {"pretrained": "pretrained", "bissl_lower": "lower", "bissl_upper": "upper", "finetuned": "finetuned"}[kind]
+    loaded = load_backbone(path, role)
+    c, n, pre = loaded.config, loaded.step, loaded.pretrain_config
+    if kind == "pretrained":
+        return Stage("pretrained", "pretrained", "pre-trained", loaded.backbone, pre,
+                     f"{path} ({pre.method}, {n} steps)")
+    if kind in ("bissl_lower", "bissl_upper"):
+        text = (f"{path} ({n} stage{'' if n == 1 else 's'} of N_L {c['lower_steps']} / N_U {c['upper_steps']}, "
+                f"γ {c['gamma']:g})")
+        label = "BiSSL θ_P (lower)" if kind == "bissl_lower" else "BiSSL θ_D (upper)"
+        return Stage(kind, kind, label, loaded.backbone, pre, text, (c["downstream"], c.get("labels_per_class")))
+    # finetuned: the reported model's backbone, labelled by the checkpoint the run started from
+    origin = _finetuned_from(loaded.lineage.get("init") or {})
+    short, label = FINETUNE_SOURCES.get(origin, (origin, f"fine-tuned ({origin})"))
+    return Stage(f"finetuned_{short}", "finetuned", label, loaded.backbone, pre,
+                 f"{path} ({c['epochs']} epochs, lr {c['lr']:g}, wd {c['weight_decay']:g}, from a {origin} checkpoint)",
+                 (c["downstream"], c.get("labels_per_class")))
 
 
 def random_init_backbone(pre_cfg, in_channels: int) -> Stage:
@@ -199,15 +171,6 @@ def random_init_backbone(pre_cfg, in_channels: int) -> Stage:
     backbone = build_model(pre_cfg, in_channels).backbone
     return Stage("random", "random", "random init", backbone.eval(), pre_cfg,
                  f"initialisation of seed {pre_cfg.seed} (step 0 of pre-training)")
-
-
-# One loader per checkpoint-backed stage kind: a new stage is one line here (and one in STAGE_KINDS).
-LOADERS: dict[str, Callable[[str], Stage]] = {
-    "pretrained": load_pretrained_backbone,
-    "bissl_lower": load_bissl_lower,
-    "bissl_upper": load_bissl_upper,
-    "finetuned": load_finetuned_backbone,
-}
 
 
 def _checkpoint_paths(cfg: FeaturesConfig) -> dict[str, list[tuple[str, bool]]]:
@@ -231,9 +194,10 @@ def _same_architecture(a, b) -> bool:
 
 def _lineage_differences(a, b) -> str:
     """The pre-training settings (other than bookkeeping such as out_dir) in which two configs differ."""
-    from .pretrain import RESUMABLE_FIELDS, as_run
+    from .pretrain import PretrainConfig, as_run
+    skip = PretrainConfig.resumable_fields()
     da, db = as_run(a.to_dict()), as_run(b.to_dict())
-    return "; ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if k not in RESUMABLE_FIELDS and da[k] != db.get(k))
+    return "; ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if k not in skip and da[k] != db.get(k))
 
 
 def collect_stages(cfg: FeaturesConfig, *, log=print) -> tuple[list[Stage], list[str]]:
@@ -257,7 +221,7 @@ def collect_stages(cfg: FeaturesConfig, *, log=print) -> tuple[list[Stage], list
                 notes.append(f"skipped {kind!r}: no checkpoint at {path} (run the notebook that makes it, "
                              "or name the file in the parameters)")
                 continue
-            loaded.setdefault(kind, []).append(LOADERS[kind](path))
+            loaded.setdefault(kind, []).append(load_stage(path, kind))
     found = [s for kind in cfg.stages for s in loaded.get(kind, [])]
     reference = (loaded.get("pretrained") or found or [None])[0]
     if reference is None:
@@ -343,75 +307,6 @@ def load_task(name: str, labels_per_class: int | None, split: str, pre_cfg, *, d
     view = pretext_view_specs(pre_cfg, train.images.shape[1])[0]
     return TaskData(name, labels_per_class, split, train.images, train.labels, ev.images, ev.labels,
                     np.asarray(ev.indices), train.num_classes, view.mean, view.std)
-
-
-def stage_features(stage: Stage, data: TaskData, *, device="cpu",
-                   bn_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train features, eval features) of a stage's backbone: pooled, eval-mode BatchNorm, no augmentation.
-    With ``bn_images`` (uint8 pretext images) the BN statistics are re-estimated on them first, on a copy."""
-    kw = dict(mean=data.mean, std=data.std, device=device)
-    if bn_images is None:
-        backbone = stage.backbone.to(device)
-    else:
-        backbone = estimate_bn_stats(stage.backbone, bn_images, **kw)
-    return extract_features(backbone, data.train_images, **kw), extract_features(backbone, data.eval_images, **kw)
-
-
-# ---- separability ------------------------------------------------------------------------------------------
-
-def _distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
-    if metric == "cosine":
-        return (1.0 - torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T).clamp_min(0)
-    if metric == "euclidean":
-        return torch.cdist(a, b)
-    raise ValueError(f"metric={metric!r} must be 'cosine' or 'euclidean'")
-
-
-def silhouette_samples(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine",
-                       chunk: int = 2048) -> torch.Tensor:
-    """Per-sample silhouette s = (b − a)/max(a, b) of the true classes, in float64: a = mean distance to
-    the other members of the own class, b = the smallest mean distance to another class. A sample alone
-    in its class gets 0 (the usual convention)."""
-    x = feats.detach().to("cpu", torch.float64)
-    y = labels.detach().to("cpu", torch.long)
-    if x.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"silhouette: features must be N×D with one label each (got {tuple(x.shape)}, {len(y)} labels)")
-    classes, y = torch.unique(y, return_inverse=True)
-    if len(classes) < 2:
-        raise ValueError("silhouette: needs at least two classes")
-    onehot = torch.nn.functional.one_hot(y, len(classes)).double()
-    counts = onehot.sum(0)
-    out = []
-    for i in range(0, len(x), chunk):
-        sums = _distances(x[i:i + chunk], x, metric) @ onehot  # chunk × classes; the own 0 distance adds nothing
-        own = y[i:i + chunk]
-        rows = torch.arange(len(own))
-        own_count = counts[own] - 1
-        a = sums[rows, own] / own_count.clamp_min(1)
-        means = sums / counts
-        means[rows, own] = math.inf
-        b = means.min(1).values
-        s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
-        out.append(torch.where(own_count > 0, s, torch.zeros_like(s)))
-    return torch.cat(out)
-
-
-@dataclass(frozen=True)
-class SeparabilityResult:
-    silhouette: float
-    metric: str
-    n: int
-    num_classes: int
-
-    def protocol(self) -> str:
-        return (f"silhouette of the true classes in feature space ({self.metric} distance), "
-                f"{self.n} samples, {self.num_classes} classes; +1 separated, 0 overlapping")
-
-
-def separability(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine") -> SeparabilityResult:
-    """Mean silhouette of the true classes in feature space (not in the UMAP plane)."""
-    s = silhouette_samples(feats, labels, metric=metric)
-    return SeparabilityResult(s.mean().item(), metric, len(s), int(torch.unique(labels).numel()))
 
 
 # ---- UMAP and alignment ---------------------------------------------------------------------------------------
@@ -516,8 +411,6 @@ def analyse(cfg: FeaturesConfig, *, log=print) -> FeatureAnalysis:
 
 def measure(cfg: FeaturesConfig, *, log=print) -> FeatureAnalysis:
     """Every stage's features and numbers; the pictured images' features are kept for :func:`embed`."""
-    from .evaluate import knn_predict
-
     t0 = time.perf_counter()
     stages, notes = collect_stages(cfg, log=log)
     name, lpc = resolve_task(cfg, stages, log=log)
@@ -535,22 +428,18 @@ def measure(cfg: FeaturesConfig, *, log=print) -> FeatureAnalysis:
         bn_images = knn_bn_images(data_mod.load_pretext(pre.pretext_dataset, root=cfg.data_root,
                                                         image_size=pre.image_size))
     protocols["bn"] = KNN_BN_PROTOCOLS[cfg.bn]
+    probe = dict(epochs=cfg.probe_epochs, lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
     for st in stages:
-        train_f, eval_f = stage_features(st, data, device=device, bn_images=bn_images)
-        scores = knn_predict(train_f, data.train_labels, eval_f, k=cfg.knn_k, temperature=cfg.knn_temperature,
-                             num_classes=data.num_classes)
-        pred = scores.argmax(1)
-        knn = knn_accuracy(train_f, data.train_labels, eval_f, data.eval_labels, k=cfg.knn_k,
-                           temperature=cfg.knn_temperature, num_classes=data.num_classes)
-        probe = linear_probe(train_f, data.train_labels, eval_f, data.eval_labels, epochs=cfg.probe_epochs,
-                             lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay, seed=cfg.seed,
-                             num_classes=data.num_classes)
-        sil = silhouette_samples(eval_f, data.eval_labels, metric=cfg.metric)
-        sep = SeparabilityResult(sil.mean().item(), cfg.metric, len(sil), int(torch.unique(data.eval_labels).numel()))
-        protocols.update(knn=knn.protocol(), probe=probe.protocol(), silhouette=sep.protocol())
-        results.append(StageResult(st.key, st.label, st.source, knn.accuracy, probe.accuracy, sep.silhouette,
-                                   (pred == data.eval_labels).numpy(), pred.numpy(), sil.numpy(),
-                                   features=eval_f[pictured].numpy()))
+        res = evaluate_frozen(st.backbone.to(device), (data.train_images, data.train_labels),
+                              (data.eval_images, data.eval_labels), mean=data.mean, std=data.std,
+                              num_classes=data.num_classes, bn_images=bn_images, bn=KNN_BN_PROTOCOLS[cfg.bn],
+                              knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature, probe=probe,
+                              silhouette=cfg.metric, keep_features=True, seed=cfg.seed, device=device)
+        protocols.update(knn=res.knn.protocol(), probe=res.probe.protocol(), silhouette=res.silhouette.protocol())
+        pred = res.knn_predictions
+        results.append(StageResult(st.key, st.label, st.source, res.knn.accuracy, res.probe.accuracy,
+                                   res.silhouette.silhouette, (pred == data.eval_labels).numpy(), pred.numpy(),
+                                   res.silhouette_samples.numpy(), features=res.eval_features[pictured].numpy()))
     seconds["features and numbers"] = time.perf_counter() - t0
     reference = next((s.key for s in stages if s.kind == cfg.reference_stage), stages[0].key)
     return FeatureAnalysis(cfg, data, results, protocols, pictured, reference, notes, seconds)

@@ -1,12 +1,13 @@
 """Stage 3: fine-tuning a backbone with a fresh linear head, and its evaluation (spec §2.1 stage 4, §2.6).
 
-The backbone comes from one of three checkpoints, told apart by their kind:
+The backbone is what a checkpoint hands on (:func:`bissl_kit.backbones.load_backbone`):
 
-* ``pretrain``: the conventional pipeline's pre-trained backbone (notebook 01);
-* ``bissl``: BiSSL's **lower** backbone θ_P (notebook 02); the upper model (θ_D, φ_D) is discarded, as in
+* a pre-training run's backbone: the conventional pipeline's (notebook 01), or a run continuing it for
+  as many extra pretext steps as BiSSL's lower level took (the compute-matched baseline of
+  :mod:`bissl_kit.compare`);
+* a BiSSL run's **lower** backbone θ_P (notebook 02); the upper model (θ_D, φ_D) is discarded, as in
   the official code;
-* ``pretext_matched``: the pre-trained backbone after as many extra pretext steps as BiSSL's lower level
-  took (the compute-matched baseline, :func:`bissl_kit.compare.continue_pretext`).
+* a fine-tuning run's backbone (fine-tuned again).
 
 Protocol (the official one of spec §2.6, with the changes named):
 
@@ -26,7 +27,7 @@ Protocol (the official one of spec §2.6, with the changes named):
 
 Every random draw (head initialisation, batch order, augmentations) comes from (seed, purpose, epoch,
 batch), so a seed reproduces a run on CPU and a resumed run equals an uninterrupted one. The run
-directory holds ``checkpoint.pt`` (atomic; kind ``"finetune"``), ``metrics.jsonl`` and ``config.json``.
+folder (:mod:`bissl_kit.rundir`) holds the checkpoint (kind ``"finetune"``), the log and the config.
 
 Under ``torchrun`` (:mod:`bissl_kit.distributed`) the same run is split over W processes: every rank
 draws the same global batch and augmentation and keeps its part (:func:`~bissl_kit.distributed.split`:
@@ -59,15 +60,16 @@ from . import data as data_mod
 from . import distributed
 from .augment import augment, downstream_train_spec, normalize
 from .bissl import accuracy_topk
-from .checkpoint import CheckpointError, RunConflictError, load_checkpoint, save_checkpoint
+from .backbones import LoadedBackbone, load_backbone, rebuild, recipe_of
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, param
-from .models import build_backbone, linear_head
+from .models import linear_head
 from .optim import set_lr, warmup_cosine
 from .rng import generator, resolve_device
-from .runlog import MetricsLog, config_conflicts, progress_bar
+from .rundir import MetricsLog, RunDir, progress_bar
 
 CHECKPOINT_KIND = "finetune"
-SOURCE_KINDS = ("pretrain", "bissl", "pretext_matched")  # checkpoints a backbone can come from
+SOURCE_KINDS = ("pretrain", "bissl")  # the checkpoints whose backbone fine-tuning starts from
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,12 @@ class FinetuneConfig(Config):
     # Inputs
     backbone_checkpoint: str = param("runs/bissl/checkpoint.pt",
                                      "checkpoint whose backbone is fine-tuned: a pre-training run, a BiSSL run "
-                                     "(its lower backbone θ_P) or a compute-matched pretext continuation")
+                                     "(its lower backbone θ_P) or a compute-matched pretext continuation", resumable=True)
     downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)",
                             choices=tuple(data_mod.DATASETS))
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     labels_seed: int = param(0, "which images a few-label train split keeps (BiSSL's upper level uses 0)", low=0)
-    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
     # Optimisation (spec §2.6: SGD, momentum 0.9, cosine to 0.001× without warm-up, batch 256, 400 epochs)
     epochs: int = param(20, "fine-tuning epochs (the paper: 400)", low=1)
     batch_size: int = param(256, "images per SGD step", low=2)
@@ -89,75 +91,68 @@ class FinetuneConfig(Config):
     weight_decay: float = param(5e-4, "coupled weight decay of SGD, on all parameters (V2's default 5e-4)", low=0)
     momentum: float = param(0.9, "SGD momentum", low=0, high=1, high_inclusive=False)
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm) instead of each "
-                          "rank's part; no effect in one process")
+                          "rank's part; no effect in one process", resumable=True)
     # Evaluation
     eval_every: int = param(1, "val top-1/top-5 every this many epochs (and always after the last); 0 = only at the end",
                             low=0)
     select: str = param("last", "the reported model: the last epoch's, or the epoch with the best val top-1",
                         choices=("last", "best_val"))
     test: bool = param(True, "evaluate the reported model once on the test split at the end; False (search "
-                             "trials) never loads the test split")
+                             "trials) never loads the test split", resumable=True)
     # Running
     seed: int = param(0, "seed of the head initialisation, batch order and augmentations", low=0)
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    out_dir: str = param("runs/finetune", "run directory: checkpoint, metrics, config")
-    checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1)
-    progress: bool = param(True, "show a tqdm progress bar")
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
+    out_dir: str = param("runs/finetune", "run directory: checkpoint, metrics, config", resumable=True)
+    checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1, resumable=True)
+    progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
     def check(self):
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
-# fields that do not change the numbers of a run: a run may resume with other values of these.
-# ``test`` only adds the final test evaluation, so a finished search trial can become a seed run.
-# ``backbone_checkpoint`` is compared as a resolved path instead (notebooks and the CLI spell it differently).
-RESUMABLE_FIELDS = frozenset({"progress", "device", "out_dir", "data_root", "checkpoint_every", "test",
-                              "backbone_checkpoint", "sync_bn"})
+# ---- where the backbone comes from ------------------------------------------------------------------
+
+def describe_source(loaded: LoadedBackbone) -> dict:
+    """What a fine-tuned backbone started as, for the records: the checkpoint's kind, role and how far
+    its run got (a continued pre-training run also says how many steps it added)."""
+    src = {"kind": loaded.kind, "role": loaded.role, "path": loaded.path}
+    if loaded.kind == "pretrain":
+        init = loaded.lineage.get("init")
+        src["steps"] = loaded.step
+        if init is not None:  # a run continuing another: the compute-matched baseline
+            src["continued_from"] = init.get("checkpoint")
+    elif loaded.kind == "bissl":
+        src.update(stages=loaded.step, lower_steps=loaded.step * loaded.config["lower_steps"])
+    return src
 
 
-# ---- the backbone to fine-tune ----------------------------------------------------------------------
-
-def load_backbone(path: str | Path):
-    """(backbone, pre-training config, source) of a ``pretrain``, ``bissl`` or ``pretext_matched``
-    checkpoint; ``source`` says which kind it was and after how many steps/stages."""
-    from .pretrain import PretrainConfig, build_model
-
-    ckpt = load_checkpoint(path)
-    kind = ckpt.get("kind")
-    if kind == "pretrain":
-        pre = PretrainConfig.from_saved(ckpt["config"])
-        model = build_model(pre, ckpt["in_channels"])
-        model.load_state_dict(ckpt["model"])
-        return model.backbone, pre, {"kind": kind, "path": str(path), "steps": ckpt["step"]}
-    if kind == "bissl":
-        from .bissl import load_lower_backbone
-        backbone, pre = load_lower_backbone(path)
-        cfg = ckpt["config"]
-        return backbone, pre, {"kind": kind, "path": str(path), "stages": ckpt["step"],
-                               "lower_steps": ckpt["step"] * cfg["lower_steps"]}
-    if kind == "pretext_matched":
-        pre = PretrainConfig.from_saved(ckpt["pretrain_config"])
-        model = build_model(pre, ckpt["in_channels"])
-        model.load_state_dict(ckpt["model"])
-        return model.backbone, pre, {"kind": kind, "path": str(path), "extra_steps": ckpt["step"]}
-    raise CheckpointError(f"{str(path)!r} holds a {kind!r} checkpoint; fine-tuning starts from one of "
-                          f"{', '.join(SOURCE_KINDS)}")
+def source_label(source: dict) -> str:
+    if source["kind"] == "bissl":
+        return "BiSSL lower backbone θ_P" if source.get("role", "lower") == "lower" else "BiSSL upper backbone θ_D"
+    if source.get("continued_from") is not None or source["kind"] == "pretext_matched":  # (a format-1 record)
+        return "compute-matched pre-trained backbone"
+    return "pre-trained backbone"
 
 
 def load_finetuned(path: str | Path):
     """(backbone, head, config) of a fine-tuning checkpoint: the *reported* model (``select``), in eval mode."""
-    from .pretrain import PretrainConfig
-
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
-    cfg = FinetuneConfig.from_dict(ckpt["config"])
-    pre = PretrainConfig.from_saved(ckpt["pretrain_config"])
-    backbone = build_backbone(pre.arch, in_channels=ckpt["in_channels"], width=pre.width, small_stem=pre.small_stem)
-    head = linear_head(backbone.feat_dim, ckpt["num_classes"])
-    states = ckpt["reported"] if ckpt.get("reported") is not None else ckpt["model"]
-    backbone.load_state_dict(states["backbone"])
-    head.load_state_dict(states["head"])
+    cfg = FinetuneConfig.from_saved(ckpt["config"])
+    backbone = rebuild(ckpt["backbone"])
+    backbone.load_state_dict(ckpt["backbones"]["finetuned"])
+    head = linear_head(backbone.feat_dim, ckpt["state"]["num_classes"])
+    head.load_state_dict(reported_head(ckpt["state"]))
     return backbone.eval(), head.eval(), cfg
+
+
+def reported_head(state: dict) -> dict:
+    """The head of the model a fine-tuning checkpoint reports (the finished run's, else the current one)."""
+    if state.get("reported_head") is not None:
+        return state["reported_head"]
+    if state.get("reported") is not None:  # upgraded format 1
+        return state["reported"]["head"]
+    return state["head"] if "head" in state else state["model"]["head"]
 
 
 # ---- the downstream data ------------------------------------------------------------------------------
@@ -263,13 +258,21 @@ class Finetuner:
         distributed.init(device=cfg.device)  # under torchrun: join the process group, pick this rank's GPU
         self.device = resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        # rank 0 alone logs and writes checkpoints; every rank resumes from them
-        self.log = MetricsLog(self.out_dir) if distributed.is_main() else distributed.NullLog()
         try:
-            self.backbone, self.pre_cfg, self.source = load_backbone(cfg.backbone_checkpoint)
+            loaded = load_backbone(cfg.backbone_checkpoint)
+            if loaded.kind not in SOURCE_KINDS:
+                raise CheckpointError(f"{cfg.backbone_checkpoint!r} holds a {loaded.kind!r} checkpoint; fine-tuning "
+                                      "starts from a pre-training or a BiSSL run's checkpoint")
         except CheckpointError as e:
             raise CheckpointError(f"backbone_checkpoint={cfg.backbone_checkpoint!r} cannot be used: {e}") from e
-        self.source["resolved"] = str(Path(cfg.backbone_checkpoint).resolve())
+        self.backbone, self.pre_cfg, self.source = loaded.backbone.train(), loaded.pretrain_config, describe_source(loaded)
+        # the run depends on the content of the backbone's checkpoint, not on where it lies (a moved file
+        # resumes; another one is a conflict)
+        identity = {"backbone_checkpoint": loaded.signature}
+        lineage = {"pretrain_config": self.pre_cfg.to_dict(), "init": {**self.source, "signature": loaded.signature}}
+        # rank 0 alone locks the folder, logs and writes checkpoints; every rank resumes from them
+        self.run_dir = RunDir(self.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
+        self.log = self.run_dir.log
         if data is None:
             data = load_data(cfg.downstream, self.pre_cfg, labels_per_class=cfg.labels_per_class,
                              labels_seed=cfg.labels_seed, data_root=cfg.data_root)
@@ -302,7 +305,12 @@ class Finetuner:
         self.best: dict | None = None  # {"epoch", "val_top1", "states"} of the best evaluated epoch
         self.result: dict | None = None
         self._reported: dict | None = None  # the reported model's states, once the run is finished
-        self._resume()
+        self.run_dir.open()  # every check passed: now the folder is ours (a second process is refused)
+        try:
+            self._resume()
+        except BaseException:
+            self.run_dir.close()
+            raise
         if cfg.sync_bn and distributed.is_distributed():
             distributed.convert_sync_batchnorm(self.backbone)  # same parameters and buffers, in place
         # backbone → head; under torchrun through DistributedDataParallel (gradients averaged across ranks,
@@ -315,49 +323,51 @@ class Finetuner:
     # ---- persistence -----------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
+        return self.run_dir.checkpoint_path
 
     def _states(self) -> dict:
         return {"backbone": copy.deepcopy(self.backbone.state_dict()), "head": copy.deepcopy(self.head.state_dict())}
 
     def save(self) -> Path | None:
-        """Write the checkpoint (rank 0; the other ranks wait until it is written, then return None)."""
-        if not distributed.is_main():
-            distributed.barrier()
-            return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(self.cfg.to_json())
+        """Write the checkpoint (rank 0; the other ranks wait until it is written, then return None).
+        A finished run keeps only what :func:`load_finetuned` and a later test evaluation need: the
+        reported model."""
         done = self.result is not None
-        path = save_checkpoint(self.checkpoint_path, {
-            "kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(), "step": self.epoch,
-            "signature": self.backbone.signature(), "pretrain_config": self.pre_cfg.to_dict(),
-            "in_channels": self.in_channels, "num_classes": self.data.num_classes, "source": self.source,
-            "model": {"backbone": self.backbone.state_dict(), "head": self.head.state_dict()},
-            # a finished run keeps only what load_finetuned and a later test evaluation need
-            "optimizer": None if done else self.optimizer.state_dict(),
-            "best": None if done else self.best,
-            "reported": self.reported_states() if done else None,
-            "history": self.history, "result": self.result})
+        common = {"num_classes": self.data.num_classes, "history": self.history, "result": self.result}
+        if done:
+            reported = self.reported_states()
+            backbone, state = reported["backbone"], {**common, "reported_head": reported["head"]}
+        else:
+            backbone = self.backbone.state_dict()
+            state = {**common, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "best": self.best}
+        path = self.run_dir.save(step=self.epoch, backbone=recipe_of(self.backbone),
+                                 backbones={"finetuned": backbone}, state=state)
         distributed.barrier()  # a Finetuner built next on any rank resumes from this file
         return path
 
     def _resume(self) -> None:
-        if not self.checkpoint_path.exists():
+        # a killed epoch's records go, and so does a final record that is about to be redone
+        def keep(ck):
+            redo = self._needs_final(ck["state"]["result"])
+            return lambda r: r.get("epoch", 0) <= ck["step"] and not (redo and r.get("kind") == "final")
+        ckpt = self.run_dir.resume(keep, recipe=recipe_of(self.backbone))
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(self.checkpoint_path, kind=CHECKPOINT_KIND, signature=self.backbone.signature())
-        conflicts = config_conflicts(ckpt["config"], self.cfg, RESUMABLE_FIELDS)
-        if ckpt["source"]["resolved"] != self.source["resolved"]:
-            conflicts.append(f"backbone_checkpoint: saved {ckpt['source']['resolved']!r}, now {self.source['resolved']!r}")
-        if conflicts:
-            raise RunConflictError(
-                f"{str(self.out_dir)!r} holds a fine-tuning run with another config ({'; '.join(conflicts)}). "
-                f"Choose another out_dir, or delete {str(self.checkpoint_path)!r} to start afresh.")
-        self.backbone.load_state_dict(ckpt["model"]["backbone"])
-        self.head.load_state_dict(ckpt["model"]["head"])
-        if ckpt["optimizer"] is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.epoch, self.history, self.best, self.result = ckpt["step"], ckpt["history"], ckpt["best"], ckpt["result"]
-        self._reported = ckpt.get("reported")
+        state = ckpt["state"]
+        self.backbone.load_state_dict(ckpt["backbones"]["finetuned"])
+        self.head.load_state_dict(reported_head(state))
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.history, self.result = ckpt["step"], state["history"], state["result"]
+        self.best = state.get("best")
+        if self.result is not None:
+            self._reported = {"backbone": ckpt["backbones"]["finetuned"], "head": reported_head(state)}
+
+    def _needs_final(self, result: dict | None) -> bool:
+        """Whether the final evaluation is (re)done: the run has none yet, or it lacks the test numbers that
+        ``test`` asks for (a finished search trial continued as a seed run)."""
+        return result is None or (self.cfg.test and "test_top1" not in result)
 
     # ---- training --------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -403,11 +413,7 @@ class Finetuner:
         cfg = self.cfg
         if distributed.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        need_final = self.result is None or (cfg.test and "test_top1" not in self.result)
-        if self.epoch == 0:
-            self.log.clear()  # records of a run killed before its first checkpoint
-        else:  # drop records of a killed epoch, and a final record that is about to be redone
-            self.log.keep(lambda r: r.get("epoch", 0) <= self.epoch and not (need_final and r.get("kind") == "final"))
+        need_final = self._needs_final(self.result)
         if replay:
             yield from self.log.records()
         bar = progress_bar(cfg.progress and distributed.is_main() and self.epoch < cfg.epochs, total=cfg.epochs, initial=self.epoch,
@@ -482,8 +488,7 @@ class Finetuner:
 
     def protocol(self, split: str, n: int, selected_epoch: int) -> str:
         cfg = self.cfg
-        src = {"pretrain": "pre-trained backbone", "bissl": "BiSSL lower backbone θ_P",
-               "pretext_matched": "compute-matched pre-trained backbone"}[self.source["kind"]]
+        src = source_label(self.source)
         chosen = "last epoch" if cfg.select == "last" else f"best-val epoch {selected_epoch}"
         return (f"{self.data.task} {split} (n={n}) top-1/top-5; {src} fine-tuned {cfg.epochs} epochs with a new "
                 f"linear head (SGD lr {cfg.lr:.3g}, wd {cfg.weight_decay:.3g}, momentum {cfg.momentum:g}, "
@@ -514,23 +519,20 @@ def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "v
     (val for monitoring, test only for final numbers). Each value comes with its protocol string.
     Under torchrun it uses no collective: every rank computes the whole of it (each sample once, the
     same numbers on every rank), so a caller may run it on rank 0 alone."""
-    from .evaluate import extract_features, knn_accuracy, linear_probe
+    from .evaluate import evaluate_frozen
 
     target = data.val if split == "val" else data.test()
-    kw = dict(mean=data.mean, std=data.std, device=device)
-    train_f = extract_features(backbone, data.train.images, **kw)
-    eval_f = extract_features(backbone, target.images, **kw)
     # trained backbones only (pre-trained, BiSSL, fine-tuned): their BN statistics were estimated in
     # training; a random init's were not (notebooks 01 and 04 re-estimate them for that comparison)
-    bn = "BN statistics as held"
-    knn = knn_accuracy(train_f, data.train.labels, eval_f, target.labels, k=knn_k, temperature=knn_temperature,
-                       num_classes=data.num_classes)
-    out = {"knn": knn.accuracy, "knn_protocol": f"{data.task} {split}, {knn.protocol()}, {bn}"}
+    res = evaluate_frozen(backbone, (data.train.images, data.train.labels), (target.images, target.labels),
+                          mean=data.mean, std=data.std, num_classes=data.num_classes, bn="BN statistics as held",
+                          knn_k=knn_k, knn_temperature=knn_temperature,
+                          probe=dict(epochs=probe_epochs, lr=probe_lr, weight_decay=probe_weight_decay) if probe else None,
+                          seed=seed, device=device)
+    protocols = res.protocols(f"{data.task} {split}")
+    out = {"knn": res.knn.accuracy, "knn_protocol": protocols["knn"]}
     if probe:
-        res = linear_probe(train_f, data.train.labels, eval_f, target.labels, epochs=probe_epochs, lr=probe_lr,
-                           weight_decay=probe_weight_decay, seed=seed, num_classes=data.num_classes)
-        out["probe"] = res.accuracy
-        out["probe_protocol"] = f"{data.task} {split}, {res.protocol()}, {bn}"
+        out.update(probe=res.probe.accuracy, probe_protocol=protocols["probe"])
     return out
 
 

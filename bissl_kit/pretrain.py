@@ -1,11 +1,13 @@
 """Stage 1: self-supervised pre-training (SimCLR or BYOL) with LARS and warm-up + cosine.
 
 ``Pretrainer(cfg).run()`` is a generator of per-step records, so a notebook can update a live plot
-while the same code runs headless. The run writes into ``cfg.out_dir``:
+while the same code runs headless. The run owns the folder ``cfg.out_dir`` (:mod:`bissl_kit.rundir`):
+its checkpoint (the backbone, the projector, the optimiser), one log record per step (loss, lr) and
+per k-NN evaluation, and the config.
 
-* ``checkpoint.pt``: config, step, backbone/head/optimiser state (atomic; the run resumes from it);
-* ``metrics.jsonl``: one JSON record per step (loss, lr) and per k-NN evaluation;
-* ``config.json``: the config, for humans.
+A run may continue another one (``init_checkpoint``): it starts from that run's weights instead of a
+random initialisation, with an optimiser and schedule of its own. The compute-matched baseline of
+:mod:`bissl_kit.compare` is such a run, with the BiSSL lower level's optimiser, batch and schedule.
 
 Every random draw (batch order, augmentations) comes from a generator derived from (seed, step), so
 a resumed run is bit-identical to an uninterrupted one on CPU.
@@ -14,24 +16,26 @@ a resumed run is bit-identical to an uninterrupted one on CPU.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 
 from . import data as data_mod
 from . import distributed
 from .augment import simclr_specs, two_views
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .backbones import check_recipe, recipe_of
+from .checkpoint import CheckpointError, content_signature, load_checkpoint
 from .config import Config, ConfigError, param
-from .evaluate import estimate_bn_stats, extract_features, knn_accuracy
+from .evaluate import evaluate_frozen
 from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
 from .pretext import METHODS, PRETEXT_FORWARDS, build_pretext
 from .rng import generator, resolve_device
-from .runlog import MetricsLog, config_conflicts, progress_bar
+from .rundir import MetricsLog, RunDir, progress_bar
 
 CHECKPOINT_KIND = "pretrain"
 
@@ -40,7 +44,7 @@ CHECKPOINT_KIND = "pretrain"
 class PretrainConfig(Config):
     # Data
     pretext_dataset: str = param("fashion_mnist", "pretext images (labels unused)", choices=("fashion_mnist",))
-    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package")
+    data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
     # 16 px: a SimCLR step costs ~4x less than at 28 px, and the digits are 8x8 to begin with
     image_size: int = param(16, "side of the square training images, in pixels", low=8, high=512)
     # Model
@@ -84,15 +88,20 @@ class PretrainConfig(Config):
     warmup_steps: int = param(30, "linear warm-up steps before the cosine decay", low=0)
     clip_grad_norm: float | None = param(None, "clip the global gradient norm to this value; None = no clipping",
                                          low=0, low_inclusive=False)
+    official_first_step: bool = param(False, "the schedule's first step at the full base lr, as the official "
+                                      "scheduler (spec C13); False: the first step is the first warm-up step")
+    init_checkpoint: str | None = param(None, "start from this pre-training checkpoint's weights instead of a random "
+                                        "initialisation (a continued run; the architecture fields must match it)",
+                                        resumable=True)
     bf16: bool = param(False, "bfloat16 autocast for forward passes (≈1.5× faster on CPU)")
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
-                          "pre-training) instead of per-rank shards; no effect in one process")
+                          "pre-training) instead of per-rank shards; no effect in one process", resumable=True)
     # Monitoring
     eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits)",
                               choices=("digits", "fashion_mnist"))
     eval_labels_per_class: int | None = param(None, "labelled train images per class of the k-NN monitor; "
                                               "None = the whole train split", low=1)
-    knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end", low=0)
+    knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end", low=0, resumable=True)
     knn_k: int = param(20, "neighbours of the weighted k-NN monitor", low=1)
     knn_temperature: float = param(0.07, "temperature of the weighted k-NN vote", low=0, low_inclusive=False)
     knn_bn: str = param("pretext", "BN statistics of the k-NN features: 'pretext' = re-estimated on a copy over "
@@ -101,36 +110,41 @@ class PretrainConfig(Config):
                         choices=("pretext", "running"))
     # Running
     seed: int = param(0, "seed of batch order, augmentations and initialisation", low=0)
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    out_dir: str = param("runs/pretrain", "run directory: checkpoint, metrics, config")
-    checkpoint_every: int = param(50, "write the checkpoint every this many steps (and at the end)", low=1)
-    progress: bool = param(True, "show a tqdm progress bar")
+    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
+    out_dir: str = param("runs/pretrain", "run directory: checkpoint, metrics, config", resumable=True)
+    checkpoint_every: int = param(50, "write the checkpoint every this many steps (and at the end)", low=1, resumable=True)
+    progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
     def check(self):
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[0] <= 0:
             raise ConfigError(f"crop_scale={self.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
-        if self.warmup_steps >= self.steps:
+        # a continued run mirrors another schedule (the BiSSL lower level's), whose warm-up may outlast it
+        if self.warmup_steps >= self.steps and self.init_checkpoint is None:
             raise ConfigError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
         if self.lowres_size is not None and not (self.lowres_size[0] <= self.lowres_size[1] <= self.image_size):
             raise ConfigError(f"lowres_size={self.lowres_size!r} must be (min, max) with 1 <= min <= max <= "
                               f"image_size={self.image_size}")
 
-    @classmethod
-    def from_saved(cls, values: dict):
-        """The config of a run saved by an earlier version of the kit: fields added since then take
-        the value that reproduces what that run did (:data:`SAVED_DEFAULTS`), not today's default."""
-        return cls.from_dict({**SAVED_DEFAULTS, **values})
+    # what a saved config without these fields (written before they existed) ran with
+    SAVED_DEFAULTS: ClassVar[dict] = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "joint",
+                                      "partial_batch": "drop", "official_first_step": False, "init_checkpoint": None}
+
+    # the fields a continued run must share with the run it continues (the network and what it sees)
+    ARCHITECTURE: ClassVar[tuple] = ("pretext_dataset", "image_size", "arch", "width", "small_stem", "method",
+                                     "temperature", "byol_ema", "proj_hidden", "proj_dim", "crop_scale", "flip_p",
+                                     "lowres_p", "lowres_size", "paper_augment")
 
 
-# What a saved config without these fields (written before they existed) ran with.
-SAVED_DEFAULTS = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "joint", "partial_batch": "drop"}
+def json_norm(v):
+    """A value as JSON reads it back (tuples and lists alike)."""
+    return json.loads(json.dumps(v))
 
 
 def as_run(values: dict) -> dict:
     """A saved or current pre-training config as it ran: fields added since it was saved take
-    :data:`SAVED_DEFAULTS`, so that two configs that train alike compare equal."""
+    ``PretrainConfig.SAVED_DEFAULTS``, so that two configs that train alike compare equal."""
     return PretrainConfig.from_saved(values).to_dict()
 
 
@@ -147,12 +161,6 @@ KNN_BN_PROTOCOLS = {
     "pretext": f"BN statistics re-estimated on {KNN_BN_IMAGES} un-augmented pretext images",
     "running": "BN running statistics as held (identity at random init)",
 }
-
-
-# fields that do not change the numbers a run produces: a run may resume with other values of these
-# (sync_bn, like the world size, says how the run is executed: it changes nothing in one process)
-RESUMABLE_FIELDS = frozenset({"progress", "checkpoint_every", "knn_every", "device", "out_dir", "data_root",
-                              "sync_bn"})
 
 
 def pretext_view_specs(cfg: PretrainConfig, channels: int):
@@ -173,12 +181,17 @@ def build_model(cfg: PretrainConfig, in_channels: int):
                          temperature=cfg.temperature, byol_ema=cfg.byol_ema, pretext_forward=cfg.pretext_forward)
 
 
+def pretext_state(ckpt: dict) -> dict:
+    """The whole pretext model's state_dict of a pre-training checkpoint (backbone, head, BYOL target)."""
+    return {**{"backbone." + k: v for k, v in ckpt["backbones"]["pretrained"].items()}, **ckpt["state"]["rest"]}
+
+
 def load_pretrained(path: str | Path, *, map_location="cpu"):
     """The pretext model (backbone + head) of a pre-training checkpoint, and its config."""
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
     cfg = PretrainConfig.from_saved(ckpt["config"])
-    model = build_model(cfg, ckpt["in_channels"])
-    model.load_state_dict(ckpt["model"])
+    model = build_model(cfg, ckpt["backbone"]["in_channels"])
+    model.load_state_dict(pretext_state(ckpt))
     return model.to(map_location), cfg
 
 
@@ -190,8 +203,15 @@ class Pretrainer:
         distributed.init(device=cfg.device)  # under torchrun: join the process group, pick this rank's GPU
         self.device = resolve_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        # rank 0 alone logs and writes checkpoints; every rank resumes from them
-        self.log = MetricsLog(self.out_dir) if distributed.is_main() else distributed.NullLog()
+        self.init = self._init_checkpoint() if cfg.init_checkpoint is not None else None
+        identity = {} if self.init is None else {"init_checkpoint": self.init["signature"]}
+        # the pre-training a backbone descends from: this run's, or for a continued run the one it continues
+        lineage = {"pretrain_config": cfg.to_dict() if self.init is None else self.init["pretrain_config"]}
+        if self.init is not None:
+            lineage["init"] = {k: self.init[k] for k in ("checkpoint", "signature", "step")}
+        # rank 0 alone locks the folder, logs and writes checkpoints; every rank resumes from them
+        self.run_dir = RunDir(self.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
+        self.log = self.run_dir.log
         self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
         if cfg.batch_size > len(self.images):
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
@@ -209,7 +229,13 @@ class Pretrainer:
         self.knn_val = data_mod.load_downstream(cfg.eval_dataset, "val", root=cfg.data_root,
                                                 image_size=cfg.image_size)
         self.bn_images = knn_bn_images(self.images)
-        self.model = build_model(cfg, channels).to(self.device)
+        self.model = build_model(cfg, channels)
+        if self.init is not None:
+            check_recipe(self.init["backbone"], recipe_of(self.model.backbone), where=cfg.init_checkpoint)
+            self.model.load_state_dict(self.init["model"])
+            if hasattr(self.model, "reset_target"):
+                self.model.reset_target()  # BYOL: the target restarts from the online weights, as in BiSSL
+        self.model.to(self.device)
         self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum)
         self.step = 0
@@ -224,7 +250,12 @@ class Pretrainer:
                               f"per epoch, which does not split into {distributed.world_size()} equal shards; choose "
                               "another batch_size or partial_batch='drop'")
         self.batches_per_epoch = n // b + (1 if self.partial else 0)
-        self._resume()
+        self.run_dir.open()  # every check passed: now the folder is ours (a second process is refused)
+        try:
+            self._resume()
+        except BaseException:
+            self.run_dir.close()
+            raise
         if cfg.sync_bn and distributed.is_distributed():
             distributed.convert_sync_batchnorm(self.model)
         # model.loss, through DistributedDataParallel under torchrun (gradients averaged across ranks)
@@ -233,37 +264,41 @@ class Pretrainer:
     # ---- persistence ---------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
+        return self.run_dir.checkpoint_path
+
+    def _init_checkpoint(self) -> dict:
+        """What a continued run starts from: the model of ``init_checkpoint``, whose pre-training settings
+        must be this run's (``ARCHITECTURE``), and the content signature its numbers depend on."""
+        cfg = self.cfg
+        try:
+            ckpt = load_checkpoint(cfg.init_checkpoint, kind=CHECKPOINT_KIND)
+        except CheckpointError as e:
+            raise CheckpointError(f"init_checkpoint={cfg.init_checkpoint!r} cannot be used: {e}") from e
+        parent, mine = as_run(ckpt["config"]), as_run(cfg.to_dict())
+        differs = [f"{k}: checkpoint {parent[k]!r} vs config {mine[k]!r}" for k in PretrainConfig.ARCHITECTURE
+                   if json_norm(mine[k]) != json_norm(parent[k])]
+        if differs:
+            raise ConfigError(f"init_checkpoint={cfg.init_checkpoint!r} is a pre-training run with other settings "
+                              f"({'; '.join(differs)}); a continued run keeps the network and views of the run it "
+                              "continues")
+        return {"checkpoint": str(cfg.init_checkpoint), "signature": content_signature(ckpt), "step": ckpt["step"],
+                "backbone": ckpt["backbone"], "model": pretext_state(ckpt),
+                "pretrain_config": ckpt["lineage"]["pretrain_config"]}
 
     def _resume(self) -> None:
-        if not self.checkpoint_path.exists():
+        ckpt = self.run_dir.resume(lambda ck: lambda r: r["step"] <= ck["step"], recipe=recipe_of(self.model.backbone))
+        if ckpt is None:
             return
-        ckpt = load_checkpoint(self.checkpoint_path, kind=CHECKPOINT_KIND)
-        conflicts = config_conflicts(as_run(ckpt["config"]), as_run(self.cfg.to_dict()), RESUMABLE_FIELDS)
-        if conflicts:
-            raise CheckpointError(
-                f"{str(self.out_dir)!r} holds a pre-training run with another config ({'; '.join(conflicts)}). "
-                f"Choose another out_dir, or delete {str(self.checkpoint_path)!r} to start afresh.")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.model.load_state_dict(pretext_state(ckpt))
+        self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
         self.step = ckpt["step"]
 
     def save(self) -> Path | None:
-        if not distributed.is_main():
-            return None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(self.cfg.to_json())
-        return save_checkpoint(self.checkpoint_path, {
-            "kind": CHECKPOINT_KIND, "config": self.cfg.to_dict(), "step": self.step,
-            "in_channels": self.images.shape[1], "signature": self.model.backbone.signature(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
-
-    def _trim_log(self) -> None:
-        """Drop records past the checkpoint step: a killed run may have logged steps it must redo."""
-        if self.step == 0:
-            self.log.clear()  # no checkpoint: the run starts afresh
-        else:
-            self.log.keep(lambda r: r["step"] <= self.step)
+        backbone = self.model.backbone
+        rest = {k: v for k, v in self.model.state_dict().items() if not k.startswith("backbone.")}
+        return self.run_dir.save(step=self.step, backbone=recipe_of(backbone),
+                                 backbones={"pretrained": backbone.state_dict()},
+                                 state={"rest": rest, "optimizer": self.optimizer.state_dict()})
 
     # ---- evaluation ----------------------------------------------------------------------------
     def knn(self, bn: str | None = None):
@@ -271,32 +306,38 @@ class Pretrainer:
         BN statistics of protocol ``bn`` (default ``cfg.knn_bn``; see :data:`KNN_BN_PROTOCOLS`).
         'pretext' re-estimates them on a copy: the model's own buffers are not touched."""
         bn = bn or self.cfg.knn_bn
-        kw = dict(mean=self.mean, std=self.std, device=self.device)
-        backbone = self.model.backbone
-        if bn == "pretext":
-            backbone = estimate_bn_stats(backbone, self.bn_images, **kw)
-        elif bn != "running":
+        if bn not in KNN_BN_PROTOCOLS:
             raise ValueError(f"bn={bn!r} must be one of {tuple(KNN_BN_PROTOCOLS)}")
-        train = extract_features(backbone, self.knn_train.images, **kw)
-        val = extract_features(backbone, self.knn_val.images, **kw)
-        return knn_accuracy(train, self.knn_train.labels, val, self.knn_val.labels,
-                            k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+        res = evaluate_frozen(self.model.backbone, (self.knn_train.images, self.knn_train.labels),
+                              (self.knn_val.images, self.knn_val.labels), mean=self.mean, std=self.std,
+                              num_classes=self.knn_train.num_classes,
+                              bn_images=self.bn_images if bn == "pretext" else None, bn=KNN_BN_PROTOCOLS[bn],
+                              knn_k=self.cfg.knn_k, knn_temperature=self.cfg.knn_temperature, device=self.device)
+        return res.knn
 
     # ---- training ------------------------------------------------------------------------------
+    @property
+    def stream(self) -> str:
+        """The name of the run's random streams: a continued run draws from streams of its own (named
+        after the compute-matched baseline, their first use), so it never repeats the batches and views
+        of the run it continues."""
+        return "pretext" if self.init is None else "matched-pretext"
+
     def batch(self, step: int) -> torch.Tensor:
         """The uint8 images of ``step``: epoch e's batches follow a permutation seeded by (seed, e)."""
         epoch, i = divmod(step, self.batches_per_epoch)
-        perm = generator(self.cfg.seed, "pretext-order", epoch)
+        perm = generator(self.cfg.seed, f"{self.stream}-order", epoch)
         order = torch.randperm(len(self.images), generator=perm)
         idx = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
         return self.images[idx]
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
-        lr = warmup_cosine(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps)
+        lr = warmup_cosine(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps,
+                           official_first_step=cfg.official_first_step)
         set_lr(self.optimizer, lr)
         x = self.batch(step).to(self.device)
-        v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, "pretext-views", step))
+        v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, f"{self.stream}-views", step))
         v1, v2 = distributed.shard(v1), distributed.shard(v2)  # this rank's part of the global batch
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -319,9 +360,8 @@ class Pretrainer:
         first yields the records of a resumed run's earlier steps (to redraw a plot)."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._trim_log()
         if replay:
-            yield from read_metrics(self.out_dir)
+            yield from self.log.records()
         main = distributed.is_main()  # the k-NN monitor runs on rank 0 (all samples, each once)
         if self.step == 0 and main:
             rec = self._knn_record()
@@ -329,6 +369,16 @@ class Pretrainer:
             yield rec
         bar = progress_bar(cfg.progress and main, total=cfg.steps, initial=self.step, desc=f"pretrain {cfg.method}", unit="step")
         t0 = time.perf_counter()
+        self.run_dir.open()
+        try:
+            yield from self._loop(bar, t0, main)
+        finally:
+            self.run_dir.close()  # the folder is free for others once the run ends or stops
+        if bar is not None:
+            bar.close()
+
+    def _loop(self, bar, t0: float, main: bool) -> Iterator[dict]:
+        cfg = self.cfg
         while self.step < cfg.steps:
             rec = self.train_step(self.step)
             self.step += 1
@@ -346,8 +396,6 @@ class Pretrainer:
                 yield rec
             if last or self.step % cfg.checkpoint_every == 0:
                 self.save()
-        if bar is not None:
-            bar.close()
 
     def _knn_record(self) -> dict:
         """``knn`` under the configured BN protocol (with its ``protocol``), and ``knn_by_bn``: the

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from bissl_kit.compare import paired_ttest
+from bissl_kit.stats import paired_ttest
 
 TASK = "digits"
 

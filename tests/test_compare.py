@@ -10,10 +10,12 @@ import torch
 from scipy import stats
 
 from bissl_kit.checkpoint import CheckpointError, load_checkpoint
-from bissl_kit.compare import (ARM_LABELS, CompareConfig, check_bissl_run, comparison_table, continue_pretext, matched_settings,
-                               mean_ci, paired_ttest, parse_task, run_comparison)
+from bissl_kit.backbones import load_backbone
+from bissl_kit.compare import (ARM_LABELS, CompareConfig, check_bissl_run, comparison_table, matched_config,
+                               parse_task, run_comparison, run_matched)
+from bissl_kit.stats import mean_ci, paired_ttest
 from bissl_kit.config import ConfigError
-from bissl_kit.finetune import FinetuneConfig, load_backbone, load_data
+from bissl_kit.finetune import FinetuneConfig, describe_source, load_data
 from bissl_kit.hpo import run_search, sample_candidates, search_edges, select_best
 
 
@@ -35,7 +37,7 @@ def base(sources, tmp_path):
 
 @pytest.fixture
 def data(base):
-    return load_data("digits", load_backbone(base.backbone_checkpoint)[1], labels_per_class=20)
+    return load_data("digits", load_backbone(base.backbone_checkpoint).pretrain_config, labels_per_class=20)
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
@@ -175,20 +177,24 @@ def test_a_failed_trial_keeps_the_others_and_a_rerun_resumes(base, data, tmp_pat
 
 # ---- the compute-matched continuation and the comparison --------------------------------------------------------
 
-def test_matched_continuation_takes_the_lower_levels_steps_and_is_reproducible(sources, tmp_path):
+def test_matched_continuation_is_the_pretraining_run_continued_with_the_lower_levels_steps(sources, tmp_path):
+    from bissl_kit.pretrain import Pretrainer
     pre_ckpt, bissl_ckpt = sources
-    bissl_cfg = load_checkpoint(bissl_ckpt, kind="bissl")["config"]
-    settings = matched_settings(bissl_cfg)
-    assert settings["steps"] == bissl_cfg["stages"] * bissl_cfg["lower_steps"] == 2
-    a = continue_pretext(pre_ckpt, settings, tmp_path / "a")
-    b = continue_pretext(pre_ckpt, settings, tmp_path / "b")
-    ba, pre_cfg, src = load_backbone(a)
-    bb = load_backbone(b)[0]
-    assert src == {"kind": "pretext_matched", "path": str(a), "extra_steps": 2}
-    assert all(torch.equal(p, q) for p, q in zip(ba.parameters(), bb.parameters()))
-    assert not torch.equal(ba.conv1.weight, load_backbone(pre_ckpt)[0].conv1.weight)
-    with pytest.raises(CheckpointError, match="other settings"):
-        continue_pretext(pre_ckpt, {**settings, "lr": 0.5}, tmp_path / "a")
+    b = load_checkpoint(bissl_ckpt, kind="bissl")["config"]
+    cfg = CompareConfig(pretrain_checkpoint=str(pre_ckpt), out_dir=str(tmp_path), progress=False, device="cpu")
+    matched = matched_config(cfg, b)
+    assert matched.steps == b["stages"] * b["lower_steps"] == 2 and matched.init_checkpoint == str(pre_ckpt)
+    assert (matched.batch_size, matched.lr, matched.warmup_steps, matched.seed, matched.official_first_step) == \
+        (b["lower_batch_size"], b["lower_lr"], b["lower_warmup"], b["seed"], b["official_first_step"])
+    a = run_matched(matched)
+    again = run_matched(matched.replace(out_dir=str(tmp_path / "b")))
+    la, lb = load_backbone(a), load_backbone(again)
+    assert describe_source(la) == {"kind": "pretrain", "role": "pretrained", "path": str(a), "steps": 2,
+                                   "continued_from": str(pre_ckpt)}
+    assert all(torch.equal(p, q) for p, q in zip(la.backbone.parameters(), lb.backbone.parameters()))
+    assert not torch.equal(la.backbone.conv1.weight, load_backbone(pre_ckpt).backbone.conv1.weight)
+    with pytest.raises(CheckpointError, match="holds a pre-training run with another config .lr: saved 1.0, now 0.5"):
+        Pretrainer(matched.replace(lr=0.5))
 
 
 def test_bissl_runs_are_checked_against_the_task_and_the_pretext_run(sources, tmp_path):

@@ -288,9 +288,10 @@ def batchnorm_free_backbones():
     from bissl_kit import finetune as ft
     load = ft.load_backbone
 
-    def without_bn(path):
-        backbone, pre, source = load(path)
-        return _remove_batchnorm(backbone), pre, source
+    def without_bn(path, which=None):
+        loaded = load(path, which)
+        loaded.backbone = _remove_batchnorm(loaded.backbone)
+        return loaded
 
     ft.load_backbone = without_bn
     try:

@@ -10,9 +10,14 @@ import torch
 from bissl_kit.bissl import BisslConfig, build_trainer
 from bissl_kit.checkpoint import CheckpointError, load_checkpoint
 from bissl_kit.config import ConfigError
-from bissl_kit.features import (FeaturesConfig, collect_stages, load_task, load_upper_backbone, measure,
-                                procrustes_align, separability, silhouette_samples, stage_features)
+from bissl_kit.evaluate import frozen_features, separability, silhouette_samples
+from bissl_kit.features import FeaturesConfig, collect_stages, load_stage, load_task, measure, procrustes_align
 from bissl_kit.pretrain import PretrainConfig, pretrain
+
+
+def stage_features(stage, data, bn_images=None):
+    return frozen_features(stage.backbone, data.train_images, data.eval_images, mean=data.mean, std=data.std,
+                           bn_images=bn_images)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +98,10 @@ def test_random_init_is_step_zero_of_the_pretraining_run(runs):
 
 def test_theta_d_is_the_upper_backbone_of_the_bissl_checkpoint(runs):
     path = runs / "bissl" / "checkpoint.pt"
-    upper, pre = load_upper_backbone(path)
-    saved = load_checkpoint(path)["state"]
+    upper = load_stage(path, "bissl_upper").backbone
+    saved = load_checkpoint(path)["backbones"]
     assert all(torch.equal(saved["upper"][k], v) for k, v in upper.state_dict().items())
-    lower = {k[len("backbone."):]: v for k, v in saved["lower"].items() if k.startswith("backbone.")}
+    lower = load_stage(path, "bissl_lower").backbone.state_dict()
     assert lower.keys() == upper.state_dict().keys()
     assert any(not torch.equal(lower[k], v) for k, v in upper.state_dict().items())  # the two levels moved apart
 
@@ -156,18 +161,6 @@ def test_silhouette_is_one_for_classes_on_orthogonal_rays_and_zero_for_a_singlet
     x = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 3.0, 0], [0, 0.5, 0], [0, 0, 1.0]])
     s = silhouette_samples(x, torch.tensor([0, 0, 1, 1, 2]))
     assert s.tolist() == pytest.approx([1, 1, 1, 1, 0])  # the lone class-2 sample scores 0 by convention
-
-
-def test_silhouette_matches_sklearn_on_random_blobs():
-    from sklearn.metrics import silhouette_score
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(4).repeat_interleave(30)
-    x = torch.randn(4, 16, generator=g)[y] + 0.8 * torch.randn(120, 16, generator=g)
-    for metric in ("cosine", "euclidean"):
-        ours = separability(x, y, metric=metric).silhouette
-        assert ours == pytest.approx(silhouette_score(x.numpy(), y.numpy(), metric=metric), abs=1e-6)
-    # chunking does not change the answer
-    assert torch.allclose(silhouette_samples(x, y, chunk=7), silhouette_samples(x, y))
 
 
 # ---- alignment ------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from bissl_kit.bissl import BisslConfig, build_trainer
 from bissl_kit.checkpoint import CheckpointError, load_checkpoint
 from bissl_kit.config import ConfigError
 from bissl_kit.evaluate import knn_accuracy
-from bissl_kit.finetune import (FinetuneConfig, Finetuner, accuracy_topk, evaluate_split, finetune, load_backbone,
+from bissl_kit.backbones import load_backbone
+from bissl_kit.finetune import (FinetuneConfig, Finetuner, accuracy_topk, describe_source, evaluate_split, finetune,
                                 load_data, load_finetuned, read_metrics)
 from bissl_kit.pretrain import PretrainConfig, pretrain
 
@@ -119,7 +120,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tiny_ft, tmp_path):
 
 
 def test_test_split_is_loaded_only_at_the_end_and_only_when_asked(tiny_ft, sources):
-    pre = load_backbone(tiny_ft.backbone_checkpoint)[1]
+    pre = load_backbone(tiny_ft.backbone_checkpoint).pretrain_config
     data = load_data("digits", pre, labels_per_class=30)
     trial = tiny_ft.replace(test=False)
     res = finetune(trial, data=data)
@@ -142,23 +143,23 @@ def test_best_val_selection_and_load_finetuned_give_the_reported_model(tiny_ft):
     assert res["selected_epoch"] == best["epoch"] and res["val_top1"] == best["val_top1"]
     backbone, head, loaded_cfg = load_finetuned(f"{cfg.out_dir}/checkpoint.pt")
     assert loaded_cfg == cfg and not backbone.training
-    data = load_data("digits", load_backbone(cfg.backbone_checkpoint)[1])
+    data = load_data("digits", load_backbone(cfg.backbone_checkpoint).pretrain_config)
     val = evaluate_split(backbone, head, data.val, mean=data.mean, std=data.std)
     assert val["top1"] == res["val_top1"]
     ckpt = load_checkpoint(f"{cfg.out_dir}/checkpoint.pt", kind="finetune")
-    assert ckpt["optimizer"] is None  # a finished run keeps only the model it reports
+    assert "optimizer" not in ckpt["state"]  # a finished run keeps only the model it reports
 
 
 def test_every_source_kind_loads_and_others_are_refused(sources, tiny_ft, tmp_path):
     pre_ckpt, bissl_ckpt = sources
-    b1, pre1, s1 = load_backbone(pre_ckpt)
-    b2, pre2, s2 = load_backbone(bissl_ckpt)
-    assert (s1["kind"], s2["kind"]) == ("pretrain", "bissl") and pre1 == pre2
-    assert s2["lower_steps"] == 2
-    assert not torch.equal(b1.conv1.weight, b2.conv1.weight)  # BiSSL's lower steps moved θ_P
+    l1, l2 = load_backbone(pre_ckpt), load_backbone(bissl_ckpt)
+    s1, s2 = describe_source(l1), describe_source(l2)
+    assert (s1["kind"], s2["kind"], s2["role"]) == ("pretrain", "bissl", "lower")
+    assert l1.pretrain_config == l2.pretrain_config and s2["lower_steps"] == 2
+    assert not torch.equal(l1.backbone.conv1.weight, l2.backbone.conv1.weight)  # BiSSL's lower steps moved θ_P
     finetune(tiny_ft.replace(epochs=1))
-    with pytest.raises(CheckpointError, match="'finetune' checkpoint; fine-tuning starts from one of"):
-        load_backbone(f"{tiny_ft.out_dir}/checkpoint.pt")
+    with pytest.raises(CheckpointError, match="a 'finetune' checkpoint; fine-tuning starts from a pre-training or a BiSSL"):
+        Finetuner(tiny_ft.replace(backbone_checkpoint=f"{tiny_ft.out_dir}/checkpoint.pt", out_dir=str(tmp_path / "again")))
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tiny_ft):

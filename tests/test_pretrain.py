@@ -78,13 +78,18 @@ def test_truncated_checkpoint_is_a_clear_error_and_is_not_overwritten(tiny_pretr
     assert len(open(path, "rb").read()) == len(data) // 2
 
 
-def test_checkpoint_of_another_architecture_names_the_difference(tiny_pretrain):
+def test_checkpoint_of_another_architecture_names_the_difference(tiny_pretrain, tmp_path):
+    from bissl_kit.backbones import check_recipe
     pretrain(tiny_pretrain)
+    path = f"{tiny_pretrain.out_dir}/checkpoint.pt"
     with pytest.raises(CheckpointError, match="width: checkpoint 4 vs model 8"):
-        load_checkpoint(f"{tiny_pretrain.out_dir}/checkpoint.pt", kind="pretrain",
-                        signature={"arch": "resnet18", "width": 8})
+        check_recipe(load_checkpoint(path, kind="pretrain")["backbone"], {"arch": "resnet18", "width": 8}, where=path)
     with pytest.raises(CheckpointError, match="expected 'bissl'"):
-        load_checkpoint(f"{tiny_pretrain.out_dir}/checkpoint.pt", kind="bissl")
+        load_checkpoint(path, kind="bissl")
+    # a run continuing it must keep its network
+    with pytest.raises(ConfigError, match="init_checkpoint=.* is a pre-training run with other settings "
+                                          r"\(width: checkpoint 4 vs config 8\)"):
+        Pretrainer(tiny_pretrain.replace(width=8, init_checkpoint=path, out_dir=str(tmp_path / "more")))
 
 
 def test_load_pretrained_restores_the_model(tiny_pretrain):

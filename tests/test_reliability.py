@@ -32,10 +32,11 @@ from bissl_kit.compare import CompareConfig, run_comparison
 from bissl_kit.config import ConfigError
 from bissl_kit.data import DataCorruptError
 from bissl_kit.features import FeaturesConfig
-from bissl_kit.finetune import FinetuneConfig, Finetuner, load_backbone
+from bissl_kit.backbones import load_backbone
+from bissl_kit.finetune import FinetuneConfig, Finetuner
 from bissl_kit.notebooks import NotebookParameters
 from bissl_kit.notebooks import main as notebooks_main
-from bissl_kit.pretrain import PretrainConfig, Pretrainer, load_pretrained
+from bissl_kit.pretrain import PretrainConfig, Pretrainer, load_pretrained, pretext_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_datasets import write_dtd  # noqa: E402
@@ -317,7 +318,7 @@ CASES = [
          lambda ws, tmp: cli_subprocess(tmp, "finetune", "--backbone-checkpoint", ws.ft, "--device", "cpu",
                                         "--out-dir", ws.root / "ft2"),
          CLIFailed, ("finetune: error: backbone_checkpoint=", "'finetune' checkpoint",
-                     "fine-tuning starts from one of pretrain, bissl, pretext_matched")),
+                     "fine-tuning starts from a pre-training or a BiSSL run's checkpoint")),
     Case("cli-lr-range", lambda ws, tmp: cli("compare", "--lr-range", 1, 0.1), SystemExit,
          ("lr_range=(1.0, 0.1)", "low <= high")),
     Case("cli-nonfinite", lambda ws, tmp: cli("bissl", "--nonfinite", "nan"), SystemExit,
@@ -391,7 +392,7 @@ CASES = [
     Case("run-finetune-other-config", lambda ws, tmp: lambda: Finetuner(ws.ft_cfg(lr=0.1)), CheckpointError,
          ("holds a fine-tuning run with another config", "lr: saved 0.05, now 0.1")),
     Case("run-finetune-other-backbone", lambda ws, tmp: lambda: Finetuner(ws.ft_cfg(backbone_checkpoint=str(ws.bissl))),
-         CheckpointError, ("another config", "backbone_checkpoint: saved", "bissl/checkpoint.pt")),
+         CheckpointError, ("another config", "backbone_checkpoint: ", "bissl/checkpoint.pt", "their contents differ")),
     Case("results-compare-other-config", lambda ws, tmp: lambda: run_comparison(ws.cmp_cfg(epochs=2)), ConfigError,
          ("results_dir:", "comparison.json' holds the results of a comparison with another config",
           "epochs: saved 1, now 2")),
@@ -558,7 +559,7 @@ def test_killed_pretraining_resumes_to_the_same_bits(tmp_path):
     list(full.run())
     resumed = load_checkpoint(out / "checkpoint.pt", kind="pretrain")
     assert resumed["step"] == 24
-    assert state_equal(resumed["model"], full.model.state_dict())
+    assert state_equal(pretext_state(resumed), full.model.state_dict())
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 25))  # the steps redone after the kill are logged once
 
@@ -577,10 +578,12 @@ def test_killed_bissl_run_resumes_to_the_same_bits(ws, tmp_path):
     assert done.returncode == 0, done.stderr
     full = build_trainer(tiny_bissl(ws.pre, tmp_path / "full", stages=4, lower_steps=2, upper_steps=2))
     list(full.run())
-    resumed = load_checkpoint(out / "checkpoint.pt", kind="bissl")["state"]
-    assert resumed["stage"] == 4
-    for part in ("lower", "upper", "head"):
-        assert state_equal(resumed[part], full.state()[part]), part
+    resumed = load_checkpoint(out / "checkpoint.pt", kind="bissl")
+    assert resumed["step"] == resumed["state"]["stage"] == 4
+    assert state_equal(resumed["backbones"]["lower"], full.lower.backbone.state_dict())
+    assert state_equal(resumed["backbones"]["upper"], full.upper.state_dict())
+    for part in ("lower_rest", "head"):
+        assert state_equal(resumed["state"][part], full.state()[part]), part
 
 
 def test_a_half_written_checkpoint_is_never_read(tmp_path):
@@ -638,7 +641,8 @@ def test_bissl_stage_is_bit_identical_for_a_seed_and_differs_for_another(ws, tmp
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         trainer = build_trainer(tiny_bissl(ws.pre, tmp_path / name, seed=seed, stages=2, upper_steps=2))
         records = list(trainer.run())
-        runs[name] = (trainer.state(), [r.get("implicit_loss") for r in records if r["kind"] == "upper"])
+        states = {"lower": trainer.lower.state_dict(), "upper": trainer.upper.state_dict(), "head": trainer.head.state_dict()}
+        runs[name] = (states, [r.get("implicit_loss") for r in records if r["kind"] == "upper"])
     for part in ("lower", "upper", "head"):
         assert state_equal(runs["a"][0][part], runs["b"][0][part]), part
     assert runs["a"][1] == runs["b"][1]

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import device_name, flat, sync  # noqa: E402
 from bissl_kit import distributed  # noqa: E402
 from bissl_kit.bissl import FAST_MODE, PAPER_MODE, BisslConfig, build_trainer  # noqa: E402
-from bissl_kit.implicit import HessianOperator, cg_solve  # noqa: E402
+from bissl_kit.implicit import HessianOperator, minres  # noqa: E402
 from bissl_kit.pretrain import PretrainConfig, Pretrainer  # noqa: E402
 
 OURS = dict(hvp="reuse", bn_stats="restore", nonfinite="raise")
@@ -177,7 +177,7 @@ def solve_quality(trainer, seen, args):
     for s in seen:
         r = flat(s["v"]) - flat(op(s["x"]))
         res.append(float(r.norm() / flat(s["v"]).norm()))
-    ref = cg_solve(op, seen[0]["v"], max_iter=args.ref_iters, rtol=args.ref_rtol, mode="minres")
+    ref = minres(op, seen[0]["v"], max_iter=args.ref_iters, rtol=args.ref_rtol)
     true_rel = float((flat(seen[0]["v"]) - flat(op(ref.x))).norm() / flat(seen[0]["v"]).norm())
     op.release()
     return res, ref, true_rel

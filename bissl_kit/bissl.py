@@ -586,8 +586,8 @@ class BisslTrainer:
         self.upper.train()
         self.head.train()
         op = self.hessian_operator()
-        opts = dict(mode={"layerwise": "layerwise", "cg": "global", "minres": "minres"}[c.solver], max_iter=c.solver_iters,
-                    rtol=c.cg_rtol, warm_start=c.warm_start, nonfinite=c.nonfinite)
+        opts = dict(solver=c.solver, max_iter=c.solver_iters, rtol=c.cg_rtol, warm_start=c.warm_start,
+                    nonfinite=c.nonfinite)
         solver = HypergradientSolver(op, **opts)
         theta_p = list(self.lower.backbone.parameters())
         theta_d = list(self.upper.parameters())

@@ -26,7 +26,7 @@ from torch import nn
 
 from bissl_kit import distributed
 from bissl_kit.bissl import FAST_MODE, BisslTrainer
-from bissl_kit.implicit import HessianOperator, cg_solve
+from bissl_kit.implicit import HessianOperator, cg
 from bissl_kit.losses import nt_xent
 from test_bissl import D_IN, FEAT, cfg_for, flat, make_problem
 
@@ -128,7 +128,7 @@ def check_hypergradient(out):
     # δ = 10 keeps A = I + H/(λ+δ) positive definite on this toy, so CG converges to x = A⁻¹v
     op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse", lam=1e-3,
                                              damping=10.0))
-    res["x"] = cg_solve(op, v, max_iter=60, mode="global", rtol=1e-13).x
+    res["x"] = cg(op, v, max_iter=60, rtol=1e-13).x
     # the official schemes: first-order gradient and the Hessian-vector product
     off = HessianOperator(lambda b: official_simclr_loss(lower, *b), params, shard, mode="recompute", lam=1e-3,
                           damping=1.0)
@@ -457,7 +457,7 @@ def test_hypergradient_on_two_ranks_is_the_full_batch_one(ranks):
     hd = op.hvp(d)
     v = torch.autograd.grad(F.cross_entropy(head(lower.backbone(xd)), yd), params)
     op10 = HessianOperator(lambda b: lower.loss(*b), params, batch, mode="reuse", lam=1e-3, damping=10.0)
-    x = cg_solve(op10, v, max_iter=60, mode="global", rtol=1e-13).x
+    x = cg(op10, v, max_iter=60, rtol=1e-13).x
     for r in res:
         h = r["hypergradient"]
         assert rel(h["hvp_recompute"], hd) < 1e-12 and rel(h["hvp_reuse"], hd) < 1e-12

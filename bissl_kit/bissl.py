@@ -47,7 +47,8 @@ from . import data as data_mod
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, param
-from .implicit import HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers
+from .implicit import (AveragedOperator, HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers,
+                       rank_mean)
 from .optim import LARS, set_lr, warmup_cosine
 from .rng import generator, resolve_device
 from .runlog import MetricsLog, config_conflicts, progress_bar
@@ -574,9 +575,8 @@ class BisslTrainer:
         c = self.cfg
         params = dict(self.lower.backbone.named_parameters())
         # under torchrun each product is the mean over ranks of the per-rank products: the global H d
-        ops = [distributed.reduced(HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp,
-                                                   lam=c.lam, damping=c.damping, bn_stats=c.bn_stats,
-                                                   module=self.lower))
+        ops = [rank_mean(HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp,
+                                         lam=c.lam, damping=c.damping, bn_stats=c.bn_stats, module=self.lower))
                for batch in self.hessian_batches()]
         return ops[0] if len(ops) == 1 else AveragedOperator(ops)
 
@@ -794,23 +794,6 @@ class BisslTrainer:
     def _log(self, rec: dict) -> None:
         if self.log is not None:
             self.log.append(rec)
-
-
-class AveragedOperator:
-    """A(d) = d + (1/n)Σ H_i d/(λ+δ) over several Hessian batches (V1/V2 average over a list)."""
-
-    def __init__(self, ops: list):
-        self.ops = ops
-        self.names = getattr(ops[0], "names", None)
-
-    def __call__(self, d):
-        hv = [op.hvp(d) for op in self.ops]
-        scale = self.ops[0].scale
-        return tuple(di + scale * sum(h[i] for h in hv) / len(hv) for i, di in enumerate(d))
-
-    def release(self):
-        for op in self.ops:
-            op.release()
 
 
 def upper_steps_per_stage(upper_steps: int, batches: int, rule: str) -> int:

@@ -1,12 +1,13 @@
-"""bissl_kit.implicit.operators: Hessian-vector products against autograd's Hessian, and BatchNorm side
-effects; float64 on CPU."""
+"""The operators of bissl_kit.implicit.operators: Hessian-vector products against autograd's Hessian,
+BatchNorm side effects, and the damped map they share; float64 on CPU."""
 import copy
 
 import pytest
 import torch
 
-from bissl_kit.implicit import OFFICIAL_DAMPING, OFFICIAL_LAMBDA, HessianOperator
-from implicit_helpers import DT, TinyNet, dense_hessian, flat, random_tuple, tiny_setup
+from bissl_kit.implicit import (OFFICIAL_DAMPING, OFFICIAL_LAMBDA, AveragedOperator, DampedOperator, HessianOperator,
+                                RankMeanOperator, rank_mean)
+from implicit_helpers import DT, TinyNet, dense_hessian, flat, random_tuple, tiny_setup, unflat
 
 
 # --- Hessian-vector products ------------------------------------------------------------------------
@@ -163,3 +164,91 @@ def test_bn_mode_does_not_change_the_hessian():
     assert all(torch.equal(a, b) for a, b in zip(hv[0], hv[1]))
     assert all(torch.equal(a, b) for a, b in zip(hv[0], hv[2]))
 
+
+# --- the damped map, shared by every operator -------------------------------------------------------
+
+class DenseOperator(DampedOperator):
+    """H a dense matrix: the damped map, the batched products and the context manager are the base's."""
+
+    def __init__(self, H, like, scale):
+        self.H, self.like, self.scale, self.released = H, like, scale, False
+
+    def hvp(self, d):
+        return unflat(self.H @ flat(d), self.like)
+
+    def release(self):
+        self.released = True
+
+
+def test_the_base_class_gives_the_damped_map_and_batched_products():
+    gen = torch.Generator().manual_seed(21)
+    like = random_tuple([(2, 3), (4,)], gen)
+    H = torch.randn(10, 10, generator=gen, dtype=DT)
+    H = H + H.T
+    with DenseOperator(H, like, 0.25) as op:
+        d = random_tuple([(2, 3), (4,)], gen)
+        assert torch.allclose(flat(op(d)), flat(d) + 0.25 * (H @ flat(d)), rtol=1e-14, atol=1e-14)
+        D = tuple(torch.randn((3,) + t.shape, generator=gen, dtype=DT) for t in like)
+        batched = op.hvp_batched(D)
+        for j in range(3):
+            assert all(torch.equal(b[j], s) for b, s in zip(batched, op.hvp(tuple(t[j] for t in D))))
+    assert op.released
+
+
+def three_batches(seed):
+    net, params, batch, loss_fn = tiny_setup(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [batch] + [(torch.randn(8, 3, generator=gen, dtype=DT), torch.randint(0, 2, (8,), generator=gen))
+                         for _ in range(2)]
+    return net, params, batches, loss_fn
+
+
+def test_averaged_operator_is_the_mean_hessian_of_its_batches():
+    net, params, batches, loss_fn = three_batches(22)
+    H_mean = sum(dense_hessian(net, params, b, loss_fn) for b in batches) / 3
+    ops = [HessianOperator(loss_fn, params, b) for b in batches]
+    avg = AveragedOperator(ops)
+    assert avg.names == list(params) and avg.scale == ops[0].scale
+    gen = torch.Generator().manual_seed(22)
+    d = random_tuple([p.shape for p in params.values()], gen)
+    assert torch.allclose(flat(avg.hvp(d)), H_mean @ flat(d), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(flat(avg(d)), flat(d) + H_mean @ flat(d) / (OFFICIAL_LAMBDA + OFFICIAL_DAMPING),
+                          rtol=1e-10, atol=1e-12)
+    D = tuple(torch.randn((2,) + p.shape, generator=gen, dtype=DT) for p in params.values())
+    batched = avg.hvp_batched(D)
+    for j in range(2):
+        single = avg.hvp(tuple(t[j] for t in D))
+        assert torch.allclose(flat(tuple(t[j] for t in batched)), flat(single), rtol=1e-12, atol=1e-14)
+    avg.release()
+    for op in ops:
+        with pytest.raises(RuntimeError, match="released"):
+            op.hvp(d)
+
+
+def test_averaged_operator_rejects_operators_of_different_damping():
+    net, params, batches, loss_fn = three_batches(23)
+    with pytest.raises(ValueError, match="must share scale"):
+        AveragedOperator([HessianOperator(loss_fn, params, batches[0], damping=d) for d in (1.0, 2.0)])
+    with pytest.raises(ValueError, match="at least one operator"):
+        AveragedOperator([])
+
+
+def test_rank_mean_operator_in_one_process_is_the_wrapped_operator():
+    # without torchrun reduce_mean is the identity, so the wrapper changes no bit; under torchrun
+    # tests/test_distributed.py compares it with the full-batch operator
+    net, params, batch, loss_fn = tiny_setup(seed=24)
+    op = HessianOperator(loss_fn, params, batch)
+    assert rank_mean(op) is op
+    wrapped = RankMeanOperator(op)
+    assert (wrapped.names, wrapped.scale, wrapped.batch) == (op.names, op.scale, op.batch)
+    gen = torch.Generator().manual_seed(24)
+    d = random_tuple([p.shape for p in params.values()], gen)
+    assert all(torch.equal(a, b) for a, b in zip(wrapped(d), op(d)))
+    D = tuple(torch.randn((2,) + p.shape, generator=gen, dtype=DT) for p in params.values())
+    batched = wrapped.hvp_batched(D)  # one product per direction
+    assert wrapped.n_products == op.n_products == 4
+    for j in range(2):
+        assert all(torch.equal(b[j], s) for b, s in zip(batched, op.hvp(tuple(t[j] for t in D))))
+    wrapped.release()
+    with pytest.raises(RuntimeError, match="released"):
+        op.hvp(d)

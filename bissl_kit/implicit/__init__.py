@@ -16,7 +16,9 @@ Modules, in the order a solve uses them:
 
 * :mod:`~bissl_kit.implicit.operators`: A itself.  :class:`HessianOperator` (one loss on one batch:
   the official product recomputed each time, or the gradient graph built once per stage and
-  reused; BatchNorm buffers restored or updated).
+  reused; BatchNorm buffers restored or updated), :class:`AveragedOperator` (several Hessian
+  batches) and :class:`RankMeanOperator` (several torchrun ranks), all sharing the damped map of
+  :class:`DampedOperator`.
 * :mod:`~bissl_kit.implicit.solvers`: :func:`layerwise` (the official recursion, bit for bit; not
   CG), :func:`cg` and :func:`minres`, one function each, one :class:`SolveResult`.
 * :mod:`~bissl_kit.implicit.recycling`: :class:`KrylovMemory`, the products of a stage kept for
@@ -28,14 +30,17 @@ Modules, in the order a solve uses them:
 from .hypergradient import (
     OFFICIAL_CG_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS, HypergradientSolver, HypergradResult, hypergradient,
 )
-from .operators import OFFICIAL_DAMPING, OFFICIAL_LAMBDA, HessianOperator, isolated_bn_buffers
+from .operators import (
+    OFFICIAL_DAMPING, OFFICIAL_LAMBDA, AveragedOperator, DampedOperator, HessianOperator, RankMeanOperator,
+    isolated_bn_buffers, rank_mean,
+)
 from .recycling import KrylovMemory
 from .solvers import OFFICIAL_CG_EPS, NonFiniteError, SolveResult, cg, layerwise, minres
 
 __all__ = [
     "OFFICIAL_CG_EPS", "OFFICIAL_CG_ITERS", "OFFICIAL_LAMBDA", "OFFICIAL_DAMPING",
     "NonFiniteError", "SolveResult", "layerwise", "cg", "minres",
-    "HessianOperator", "isolated_bn_buffers",
+    "DampedOperator", "HessianOperator", "AveragedOperator", "RankMeanOperator", "rank_mean", "isolated_bn_buffers",
     "KrylovMemory",
     "SOLVERS", "HypergradResult", "hypergradient", "HypergradientSolver", "PAPER_SOLVER", "RECOMMENDED_SOLVER",
 ]

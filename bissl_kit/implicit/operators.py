@@ -1,10 +1,16 @@
 r"""The operator of the hypergradient's linear system, A(d) = d + H d/(λ+δ) (spec §1.4).
 
 H is the Hessian of the pretext loss with respect to the backbone θ_P only, on the stage's Hessian
-batch; λ is the proximal weight and δ the damping that the official code adds to λ inside the
-hypergradient only.  :class:`HessianOperator` computes H d by double backward (the gradient graph
-recomputed for every product, or built once per stage and reused), with control over the BatchNorm
-side effects.
+batch(es); λ is the proximal weight and δ the damping that the official code adds to λ inside the
+hypergradient only.  Every operator here is a :class:`DampedOperator`: it supplies the product
+``hvp(d) = H d`` and shares one damped map ``A(d) = d + scale·H d`` with ``scale = 1/(λ+δ)``.
+
+* :class:`HessianOperator`: H of one loss on one batch, by double backward (recompute or reuse the
+  gradient graph), with control over the BatchNorm side effects;
+* :class:`AveragedOperator`: the mean of several operators' products (V1/V2 average H over a list
+  of Hessian batches);
+* :class:`RankMeanOperator`: under torchrun, the mean over ranks of the per-rank products, i.e. the
+  product of the global batch (spec §1.8, C7); :func:`rank_mean` wraps an operator when distributed.
 
 BatchNorm (spec C5)
 -------------------
@@ -37,7 +43,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OFFICIAL_LAMBDA", "OFFICIAL_DAMPING", "HessianOperator", "isolated_bn_buffers"]
+from ..distributed import is_distributed, reduce_mean
+
+__all__ = ["OFFICIAL_LAMBDA", "OFFICIAL_DAMPING", "DampedOperator", "HessianOperator", "isolated_bn_buffers",
+           "AveragedOperator", "RankMeanOperator", "rank_mean"]
 
 #: Proximal weight λ of the lower problem.
 OFFICIAL_LAMBDA = 1e-3
@@ -49,6 +58,43 @@ Tensors = tuple[Tensor, ...]
 _HVP_MODES = ("reuse", "recompute")
 _BN_STATS = ("restore", "update")
 
+
+class DampedOperator:
+    """``A(d) = d + scale·H d``: the damped map, written once for every operator below.
+
+    A subclass sets ``scale`` (= 1/(λ+δ)) and ``names`` (the tensors' names for error messages, or
+    None) and implements :meth:`hvp`; :meth:`hvp_batched` and :meth:`release` have defaults.  Used as
+    a context manager, the operator is released on exit.
+    """
+
+    scale: float
+    names: list[str] | None = None
+
+    def hvp(self, d: Sequence[Tensor]) -> Tensors:
+        """``H d`` (no identity, no scaling)."""
+        raise NotImplementedError
+
+    def hvp_batched(self, D: Sequence[Tensor]) -> Tensors:
+        """``H d_j`` for k directions stacked along a leading dimension k of every tensor of ``D``;
+        by default one product per direction."""
+        cols = [self.hvp(tuple(t[j] for t in D)) for j in range(D[0].shape[0])]
+        return tuple(torch.stack(c) for c in zip(*cols))
+
+    def __call__(self, d: Sequence[Tensor]) -> Tensors:
+        hv = self.hvp(d)
+        return tuple(di + hi * self.scale for di, hi in zip(d, hv))
+
+    def release(self) -> None:
+        """Free what the products hold on to (end of the stage)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --- one loss on one batch -------------------------------------------------------------------------
 
 def _bn_modules(module: nn.Module | None) -> list[nn.Module]:
     if module is None:
@@ -81,8 +127,8 @@ def isolated_bn_buffers(module: nn.Module | None, keep_updates: bool):
                 m._buffers[name] = original
 
 
-class HessianOperator:
-    r"""``A(d) = d + H d / (λ + δ)`` with H the Hessian of ``loss_fn(batch)`` w.r.t. ``params``.
+class HessianOperator(DampedOperator):
+    r"""H, the Hessian of ``loss_fn(batch)`` w.r.t. ``params``; called, ``A(d) = d + H d / (λ + δ)``.
 
     Parameters
     ----------
@@ -213,18 +259,75 @@ class HessianOperator:
         self.n_products += D[0].shape[0]
         return tuple(h.detach() for h in hv)
 
-    def __call__(self, d: Sequence[Tensor]) -> Tensors:
-        hv = self.hvp(d)
-        return tuple(di + hi * self.scale for di, hi in zip(d, hv))
-
     def release(self) -> None:
         """Free the retained gradient graph (end of the stage).  Later products raise."""
         self._grads = None
         self._released = True
 
-    def __enter__(self) -> "HessianOperator":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+# --- several batches, several ranks ----------------------------------------------------------------
 
+class AveragedOperator(DampedOperator):
+    """``H̄ d = (1/n) Σ H_i d`` over the n operators ``ops`` (one per Hessian batch), which share λ+δ."""
+
+    def __init__(self, ops: Sequence[DampedOperator]):
+        self.ops = list(ops)
+        if not self.ops:
+            raise ValueError("ops must contain at least one operator")
+        scales = {op.scale for op in self.ops}
+        if len(scales) != 1:
+            raise ValueError(f"the operators must share scale = 1/(λ+δ), got {sorted(scales)}")
+        self.scale = self.ops[0].scale
+        self.names = getattr(self.ops[0], "names", None)
+
+    def _mean(self, products: list[Tensors]) -> Tensors:
+        return tuple(sum(h[i] for h in products) / len(products) for i in range(len(products[0])))
+
+    def hvp(self, d: Sequence[Tensor]) -> Tensors:
+        return self._mean([op.hvp(d) for op in self.ops])
+
+    def hvp_batched(self, D: Sequence[Tensor]) -> Tensors:
+        return self._mean([op.hvp_batched(D) for op in self.ops])
+
+    def release(self) -> None:
+        for op in self.ops:
+            op.release()
+
+
+class RankMeanOperator(DampedOperator):
+    """``H̄ d``: the mean over torchrun ranks of the per-rank products of ``op`` (an operator whose
+    loss is the rank's part of the global loss, see :mod:`bissl_kit.distributed`): the product of
+    the global batch, the same on every rank, so every dot product of the solver, and the solution,
+    are the same on all ranks too.
+
+    Other attributes (``batch``, ``n_products``, ...) are the wrapped operator's; the products are
+    not forwarded, since the wrapped operator's would be rank-local.
+    """
+
+    def __init__(self, op: DampedOperator):
+        self.op = op
+        self.scale = op.scale
+        self.names = getattr(op, "names", None)
+
+    def hvp(self, d: Sequence[Tensor]) -> Tensors:
+        return reduce_mean(self.op.hvp(d))
+
+    def hvp_batched(self, D: Sequence[Tensor]) -> Tensors:
+        """One product per direction, then one collective: the wrapped operator's vmap
+        (``is_grads_batched``) has no batching rule for the collectives in the graph of a gathered
+        loss (SimCLR's NT-Xent)."""
+        cols = [self.op.hvp(tuple(t[j] for t in D)) for j in range(D[0].shape[0])]
+        return reduce_mean(tuple(torch.stack(c) for c in zip(*cols)))
+
+    def release(self) -> None:
+        self.op.release()
+
+    def __getattr__(self, name):
+        if name == "op":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.op, name)
+
+
+def rank_mean(op: DampedOperator) -> DampedOperator:
+    """``op`` wrapped in :class:`RankMeanOperator` under torchrun, else ``op`` itself."""
+    return RankMeanOperator(op) if is_distributed() else op

@@ -22,10 +22,8 @@ repeats interleaved across modes (so that load on a shared machine hits every mo
 
 The backbone is pre-trained first (``--pretrain-steps``, SimCLR on Fashion-MNIST, random tensors when
 the data is missing; cached under ``runs/benchmarks/``), since BiSSL starts from a pre-trained one.
-A is indefinite at the official δ = 10 both at random initialisation (Lanczos Ritz values of H from
-−85 to +100 on random inputs) and after 100 SimCLR steps (H from about −28 to 1167, so A from −1.8
-to 118): CG meets pᵀAp ≤ 0 there, which is why the reference is MINRES.  ``--damping 50`` gives a
-positive definite A on the same backbone.
+A is indefinite at the official δ = 10 on this backbone (README, "Benchmarks"): CG meets pᵀAp ≤ 0
+there, which is why the reference is MINRES.  A larger ``--damping`` makes A positive definite.
 
 Usage: ``python benchmarks/hypergradient.py`` (CPU default: narrow ResNet-18, 16 px, 1 channel,
 batch 128); ``--device cuda`` uses the paper's ResNet-18 at 96 px, 3 channels.
@@ -62,21 +60,21 @@ N_UPPER = 8
 N_CLASSES = 10
 
 # name -> (HessianOperator options, HypergradientSolver options)
-PAPER = dict(mode="layerwise", max_iter=OFFICIAL_CG_ITERS, warm_start="none", nonfinite="zero")
+PAPER = dict(solver="layerwise", max_iter=OFFICIAL_CG_ITERS, warm_start="none", nonfinite="zero")
 # true CG to a tolerance, capped at the official K, Krylov recycling: the default until 2026-11-28
-CG_TOL = dict(mode="global", max_iter=OFFICIAL_CG_ITERS, rtol=1e-2, atol=None, warm_start="recycle", nonfinite="raise")
+CG_TOL = dict(solver="cg", max_iter=OFFICIAL_CG_ITERS, rtol=1e-2, atol=None, warm_start="recycle", nonfinite="raise")
 MODES = {
     "official": (dict(mode="recompute", bn_stats="update"), PAPER),
     "reuse+layerwise": (dict(mode="reuse"), PAPER),
-    "reuse+cg5": (dict(mode="reuse"), dict(mode="global", max_iter=OFFICIAL_CG_ITERS, warm_start="none")),
+    "reuse+cg5": (dict(mode="reuse"), dict(solver="cg", max_iter=OFFICIAL_CG_ITERS, warm_start="none")),
     "reuse+cg-tol": (dict(mode="reuse"), {**CG_TOL, "warm_start": "none"}),
     "reuse+cg-tol+previous": (dict(mode="reuse"), {**CG_TOL, "warm_start": "previous"}),
     "reuse+cg-tol+recycle": (dict(mode="reuse"), {**CG_TOL, "exact_start": True}),
     "reuse+cg-tol+recycle-free": (dict(mode="reuse"), {**CG_TOL, "exact_start": False}),
     "reuse+cg2+recycle-free": (dict(mode="reuse"), {**CG_TOL, "max_iter": 2, "exact_start": False}),
-    "reuse+minres-tol": (dict(mode="reuse"), dict(mode="minres", max_iter=OFFICIAL_CG_ITERS, rtol=1e-2,
+    "reuse+minres-tol": (dict(mode="reuse"), dict(solver="minres", max_iter=OFFICIAL_CG_ITERS, rtol=1e-2,
                                                   warm_start="none")),
-    "reuse+minres-tol+previous": (dict(mode="reuse"), dict(mode="minres", max_iter=OFFICIAL_CG_ITERS, rtol=1e-2,
+    "reuse+minres-tol+previous": (dict(mode="reuse"), dict(solver="minres", max_iter=OFFICIAL_CG_ITERS, rtol=1e-2,
                                                            warm_start="previous")),
     "reuse+minres2": (dict(mode="reuse"), {**RECOMMENDED_SOLVER, "max_iter": 2}),
     "reuse+minres1": (dict(mode="reuse"), dict(RECOMMENDED_SOLVER)),
@@ -359,7 +357,7 @@ def reference(prob, args):
             info.append(dict(iterations=0, converged=False, true_rel_residual=float("nan"),
                              x_vs_v=float("nan"), negative_curvature=False))
             continue
-        res = hypergradient(v, op, mode="minres", max_iter=args.ref_max_iter, rtol=args.ref_rtol)
+        res = hypergradient(v, op, solver="minres", max_iter=args.ref_max_iter, rtol=args.ref_rtol)
         Ax = op(res.x)
         true_rel = float(torch.linalg.vector_norm(flat(v) - flat(Ax)) / torch.linalg.vector_norm(flat(v)))
         x_vs_v = float(torch.linalg.vector_norm(flat(res.x) - flat(v)) / torch.linalg.vector_norm(flat(v)))

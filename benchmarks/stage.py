@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import device_name, flat, sync  # noqa: E402
 from bissl_kit import distributed  # noqa: E402
 from bissl_kit.bissl import FAST_MODE, PAPER_MODE, BisslConfig, build_trainer  # noqa: E402
-from bissl_kit.implicit import HessianOperator, cg_solve  # noqa: E402
+from bissl_kit.implicit import HessianOperator, minres, rank_mean  # noqa: E402
 from bissl_kit.pretrain import PretrainConfig, Pretrainer  # noqa: E402
 
 OURS = dict(hvp="reuse", bn_stats="restore", nonfinite="raise")
@@ -164,10 +164,9 @@ def exact_operator(trainer, batch):
     """A = I + H/(λ+δ) on the stage's θ_P (unchanged by the upper phase), graph built once."""
     c = trainer.cfg
     # under torchrun `batch` is this rank's shard and the products are averaged: the global-batch A
-    return distributed.reduced(HessianOperator(lambda b: trainer.lower.loss(*b),
-                                               dict(trainer.lower.backbone.named_parameters()), batch,
-                                               mode="reuse", lam=c.lam, damping=c.damping, bn_stats="restore",
-                                               module=trainer.lower))
+    return rank_mean(HessianOperator(lambda b: trainer.lower.loss(*b), dict(trainer.lower.backbone.named_parameters()),
+                                     batch, mode="reuse", lam=c.lam, damping=c.damping, bn_stats="restore",
+                                     module=trainer.lower))
 
 
 def solve_quality(trainer, seen, args):
@@ -177,7 +176,7 @@ def solve_quality(trainer, seen, args):
     for s in seen:
         r = flat(s["v"]) - flat(op(s["x"]))
         res.append(float(r.norm() / flat(s["v"]).norm()))
-    ref = cg_solve(op, seen[0]["v"], max_iter=args.ref_iters, rtol=args.ref_rtol, mode="minres")
+    ref = minres(op, seen[0]["v"], max_iter=args.ref_iters, rtol=args.ref_rtol)
     true_rel = float((flat(seen[0]["v"]) - flat(op(ref.x))).norm() / flat(seen[0]["v"]).norm())
     op.release()
     return res, ref, true_rel

@@ -48,7 +48,8 @@ from . import distributed
 from .backbones import recipe_of
 from .checkpoint import CheckpointError, content_signature
 from .config import Config, ConfigError, param
-from .implicit import HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers
+from .implicit import (AveragedOperator, HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers,
+                       rank_mean)
 from .optim import LARS, set_lr, warmup_cosine
 from .rng import generator, resolve_device
 from .rundir import RunDir, progress_bar
@@ -571,9 +572,8 @@ class BisslTrainer:
         c = self.cfg
         params = dict(self.lower.backbone.named_parameters())
         # under torchrun each product is the mean over ranks of the per-rank products: the global H d
-        ops = [distributed.reduced(HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp,
-                                                   lam=c.lam, damping=c.damping, bn_stats=c.bn_stats,
-                                                   module=self.lower))
+        ops = [rank_mean(HessianOperator(lambda b: self.lower.loss(*b), params, batch, mode=c.hvp,
+                                         lam=c.lam, damping=c.damping, bn_stats=c.bn_stats, module=self.lower))
                for batch in self.hessian_batches()]
         return ops[0] if len(ops) == 1 else AveragedOperator(ops)
 
@@ -583,8 +583,8 @@ class BisslTrainer:
         self.upper.train()
         self.head.train()
         op = self.hessian_operator()
-        opts = dict(mode={"layerwise": "layerwise", "cg": "global", "minres": "minres"}[c.solver], max_iter=c.solver_iters,
-                    rtol=c.cg_rtol, warm_start=c.warm_start, nonfinite=c.nonfinite)
+        opts = dict(solver=c.solver, max_iter=c.solver_iters, rtol=c.cg_rtol, warm_start=c.warm_start,
+                    nonfinite=c.nonfinite)
         solver = HypergradientSolver(op, **opts)
         theta_p = list(self.lower.backbone.parameters())
         theta_d = list(self.upper.parameters())
@@ -825,23 +825,6 @@ class BisslTrainer:
     def _log(self, rec: dict) -> None:
         if self.log is not None:
             self.log.append(rec)
-
-
-class AveragedOperator:
-    """A(d) = d + (1/n)Σ H_i d/(λ+δ) over several Hessian batches (V1/V2 average over a list)."""
-
-    def __init__(self, ops: list):
-        self.ops = ops
-        self.names = getattr(ops[0], "names", None)
-
-    def __call__(self, d):
-        hv = [op.hvp(d) for op in self.ops]
-        scale = self.ops[0].scale
-        return tuple(di + scale * sum(h[i] for h in hv) / len(hv) for i, di in enumerate(d))
-
-    def release(self):
-        for op in self.ops:
-            op.release()
 
 
 def upper_steps_per_stage(upper_steps: int, batches: int, rule: str) -> int:

@@ -34,9 +34,9 @@ and reduce-scatter are each other's adjoints (the backward of one is the other, 
 autograd Function again), and all-reduce-sum is self-adjoint. The official ``FullGatherLayer``
 instead runs an in-place ``all_reduce`` in its backward that autograd does not record; its double
 backward drops the cross-rank terms of H d (40–65 % error, spec §1.8; ``tests/test_distributed.py``
-measures it). :class:`ReducedOperator` averages every Hessian-vector product across ranks, so v,
-every product, hence every dot product of CG, and the solution x are the same on all ranks, and the
-upper gradients are averaged too (C6).
+measures it). :class:`bissl_kit.implicit.RankMeanOperator` averages every Hessian-vector product
+across ranks with :func:`reduce_mean`, so v, every product, hence every dot product of CG, and the
+solution x are the same on all ranks, and the upper gradients are averaged too (C6).
 
 (``torch.distributed.nn.functional.all_gather`` also differentiates twice on torch 2.14 with gloo,
 but it is deprecated there in favour of a private module, and on gloo its backward goes through
@@ -67,7 +67,7 @@ from torch import Tensor, nn
 __all__ = ["init", "is_distributed", "world_size", "rank", "local_rank", "is_main", "barrier",
            "check_divisible", "shard", "split", "eval_slice", "union_metrics",
            "gather_cat", "all_reduce_sum", "all_reduce_mean_", "reduce_mean", "mean_value", "sum_tensor",
-           "broadcast_module", "average_buffers", "ReducedOperator", "reduced",
+           "broadcast_module", "average_buffers",
            "SyncBatchNorm", "convert_sync_batchnorm", "data_parallel", "loss_module", "NullLog"]
 
 
@@ -316,40 +316,6 @@ def average_buffers(*modules: nn.Module) -> None:
         with torch.no_grad():
             for b, mean in zip(bufs, _flat_reduce(bufs)):
                 b.copy_(mean)
-
-
-# ---- the Hessian operator of the global batch ------------------------------------------------------
-
-class ReducedOperator:
-    """``A(d) = d + H̄ d/(λ+δ)`` with H̄ d the mean over ranks of the per-rank products of ``op``
-    (a :class:`bissl_kit.implicit.HessianOperator` whose loss is the rank's part of the global
-    loss): the Hessian-vector product of the global batch, the same on every rank."""
-
-    def __init__(self, op):
-        self.op = op
-
-    def hvp(self, d):
-        return reduce_mean(self.op.hvp(d))
-
-    def hvp_batched(self, D):
-        """``H̄ d_j`` for the k directions stacked in ``D`` (leading dimension k), averaged across ranks.
-        Defined here rather than forwarded by ``__getattr__``, whose products would be rank-local; one
-        product per direction, because the wrapped op's vmap (``is_grads_batched``) has no batching rule
-        for the collectives in the graph of a gathered loss (SimCLR's NT-Xent)."""
-        cols = [self.op.hvp(tuple(t[j] for t in D)) for j in range(D[0].shape[0])]
-        return reduce_mean(tuple(torch.stack(c) for c in zip(*cols)))
-
-    def __call__(self, d):
-        hv = self.hvp(d)
-        return tuple(di + hi * self.op.scale for di, hi in zip(d, hv))
-
-    def __getattr__(self, name):  # names, scale, batch, n_products, release, ... (not products: above)
-        return getattr(self.op, name)
-
-
-def reduced(op):
-    """``op`` wrapped in :class:`ReducedOperator` when distributed, else ``op`` itself."""
-    return ReducedOperator(op) if is_distributed() else op
 
 
 # ---- BatchNorm over the global batch ----------------------------------------------------------------

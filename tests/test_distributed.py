@@ -26,7 +26,7 @@ from torch import nn
 
 from bissl_kit import distributed
 from bissl_kit.bissl import FAST_MODE, BisslTrainer
-from bissl_kit.implicit import HessianOperator, cg_solve
+from bissl_kit.implicit import HessianOperator, cg, rank_mean
 from bissl_kit.losses import nt_xent
 from test_bissl import D_IN, FEAT, cfg_for, flat, make_problem
 
@@ -118,17 +118,15 @@ def check_hypergradient(out):
     shard = tuple(distributed.shard(b) for b in batch)
     res = {}
     for mode in ("recompute", "reuse"):
-        op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode=mode, lam=1e-3,
-                                                 damping=1.0))
+        op = rank_mean(HessianOperator(lambda b: lower.loss(*b), params, shard, mode=mode, lam=1e-3, damping=1.0))
         res[f"hvp_{mode}"] = op.hvp(d)
     v_local = torch.autograd.grad(F.cross_entropy(head(lower.backbone(distributed.shard(xd))),
                                                   distributed.shard(yd)), params)
     res["v"] = v = distributed.reduce_mean(v_local)
     res["v_local"] = v_local
     # δ = 10 keeps A = I + H/(λ+δ) positive definite on this toy, so CG converges to x = A⁻¹v
-    op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse", lam=1e-3,
-                                             damping=10.0))
-    res["x"] = cg_solve(op, v, max_iter=60, mode="global", rtol=1e-13).x
+    op = rank_mean(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse", lam=1e-3, damping=10.0))
+    res["x"] = cg(op, v, max_iter=60, rtol=1e-13).x
     # the official schemes: first-order gradient and the Hessian-vector product
     off = HessianOperator(lambda b: official_simclr_loss(lower, *b), params, shard, mode="recompute", lam=1e-3,
                           damping=1.0)
@@ -136,8 +134,8 @@ def check_hypergradient(out):
         torch.autograd.grad(official_simclr_loss(lower, *shard), params))
     res["official_hvp_local"] = off.hvp(d)                               # V1/V2: rank-local
     res["official_hvp_mean"] = distributed.reduce_mean(res["official_hvp_local"])  # V3: averaged
-    # k products at once through the reduced operator (averaged too), and the wrapped op's rank-local ones
-    op = distributed.reduced(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse"))
+    # k products at once through the rank-mean operator (averaged too), and the wrapped op's rank-local ones
+    op = rank_mean(HessianOperator(lambda b: lower.loss(*b), params, shard, mode="reuse"))
     res["hvp_batched"] = op.hvp_batched(batched_directions(d))
     try:
         res["hvp_batched_local"] = op.op.hvp_batched(batched_directions(d))
@@ -458,7 +456,7 @@ def test_hypergradient_on_two_ranks_is_the_full_batch_one(ranks):
     hd = op.hvp(d)
     v = torch.autograd.grad(F.cross_entropy(head(lower.backbone(xd)), yd), params)
     op10 = HessianOperator(lambda b: lower.loss(*b), params, batch, mode="reuse", lam=1e-3, damping=10.0)
-    x = cg_solve(op10, v, max_iter=60, mode="global", rtol=1e-13).x
+    x = cg(op10, v, max_iter=60, rtol=1e-13).x
     for r in res:
         h = r["hypergradient"]
         assert rel(h["hvp_recompute"], hd) < 1e-12 and rel(h["hvp_reuse"], hd) < 1e-12
@@ -573,7 +571,7 @@ def test_byol_pretraining_on_two_ranks_is_one_process_with_the_global_batch(rank
 
 
 def test_batched_hessian_products_through_the_reduced_operator_are_the_full_batch_ones(ranks):
-    """``reduced(op).hvp_batched`` averages across ranks like ``hvp``. No distributed path calls it,
+    """``rank_mean(op).hvp_batched`` averages across ranks like ``hvp``. No distributed path calls it,
     but before, ``__getattr__`` handed out the wrapped operator's: through SimCLR's gather its vmap
     fails (no batching rule for the collective), and on a gather-free loss it would have returned
     rank-local products."""
@@ -683,4 +681,4 @@ def test_without_a_launcher_everything_is_the_identity():
     ts = (x, x + 1)
     assert all(a is b for a, b in zip(distributed.reduce_mean(ts), ts))
     op = object()
-    assert distributed.reduced(op) is op
+    assert rank_mean(op) is op

@@ -1,4 +1,5 @@
 """The notebook series under papermill, with the tests' quick parameters."""
+import ast
 import json
 
 import pytest
@@ -25,6 +26,19 @@ def test_committed_notebooks_are_clean_and_parametrised(path):
     assert "widgets" not in nb["metadata"]
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
     assert path.stem in SERIES
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_papermill_sees_every_parameter_the_parameters_cell_assigns(path):
+    # papermill parses the cell line by line and skips a line holding a second '=' (a comment's counts),
+    # warning "Unable to parse line N": that parameter is then unknown to it
+    import papermill
+    nb = json.loads(path.read_text())
+    (cell,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assigned = {t.id for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets}
+    missed = assigned - set(papermill.inspect_notebook(str(path)))
+    assert not missed, f"papermill cannot parse the lines of {sorted(missed)} in {path.name}: one '=' per line"
 
 
 @pytest.fixture(scope="module")

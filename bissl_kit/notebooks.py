@@ -97,6 +97,19 @@ class _KnownParametersFilter(logging.Filter):
 logging.getLogger("papermill").addFilter(_KnownParametersFilter())
 
 
+def kernel_config():
+    """Configuration of the kernel papermill starts: encrypted transport (CurveZMQ) where pyzmq has it.
+
+    jupyter_client provisions no keys unless asked (``KernelManager.transport_encryption`` defaults to
+    "disabled"), and ipykernel then warns at every start "Kernel is running over TCP without encryption".
+    "auto" provisions keys when the kernel spec declares support (ipykernel's does) and runs unencrypted
+    otherwise; jupyter_client refuses it outright where libzmq has no CurveZMQ, hence the check."""
+    import zmq
+    from traitlets.config import Config
+
+    return Config(KernelManager={"transport_encryption": "auto"}) if zmq.has("curve") else Config()
+
+
 def execute(name: str, parameters: dict[str, Any] | None = None, *, output_dir: Path = EXECUTED,
             progress: bool = False) -> Path:
     """Run ``notebooks/<name>.ipynb`` headless (``live=False``) and return the executed copy's path."""
@@ -108,7 +121,8 @@ def execute(name: str, parameters: dict[str, Any] | None = None, *, output_dir: 
     output_dir.mkdir(parents=True, exist_ok=True)
     out = output_dir / f"{name}.ipynb"
     papermill.execute_notebook(str(src), str(out), parameters={"live": False, **(parameters or {})},
-                               cwd=str(NOTEBOOKS), progress_bar=progress, kernel_name="python3")
+                               cwd=str(NOTEBOOKS), progress_bar=progress, kernel_name="python3",
+                               config=kernel_config())
     strip_widget_state(out)
     return out
 

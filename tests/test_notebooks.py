@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bissl_kit.config import ConfigError
-from bissl_kit.notebooks import NOTEBOOKS, QUICK, SERIES, NotebookParameters, execute
+from bissl_kit.notebooks import NOTEBOOKS, QUICK, SERIES, NotebookParameters, execute, kernel_config
 from bissl_kit.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.slow
@@ -66,6 +66,20 @@ def test_unknown_papermill_parameter_stops_the_notebook(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="unknown PretrainConfig parameter.*'lrr'"):
         execute("01_pretrain", quick("01_pretrain", tmp_path, lrr=0.1), output_dir=tmp_path / "nb")
     assert not (tmp_path / "out_dir").exists()  # nothing was trained or written
+
+
+def test_kernel_starts_with_an_encrypted_transport_and_no_warning(tmp_path, capfd):
+    import nbformat
+    import papermill
+    import zmq
+    if not zmq.has("curve"):
+        pytest.skip("libzmq without CurveZMQ: the kernel runs unencrypted (and ipykernel says so)")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    out = papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                     progress_bar=False, config=kernel_config())
+    assert out.cells[0].outputs[0]["text"] == "42\n"
+    assert "without encryption" not in capfd.readouterr().err  # ipykernel's warning at a plain-TCP start
 
 
 def test_notebook_parameters_capture_only_new_names():

@@ -1,11 +1,12 @@
 """The notebook series under papermill, with the tests' quick parameters."""
 import ast
+import itertools
 import json
 
 import pytest
 
 from bissl_kit.config import ConfigError
-from bissl_kit.notebooks import NOTEBOOKS, QUICK, SERIES, NotebookParameters, execute, kernel_config
+from bissl_kit.notebooks import NOTEBOOKS, QUICK, REPO, SERIES, NotebookParameters, execute, kernel_config
 from bissl_kit.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,28 @@ def test_committed_notebooks_are_clean_and_parametrised(path):
     assert "widgets" not in nb["metadata"]
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
     assert path.stem in SERIES
+
+
+@pytest.mark.parametrize("stem", sorted({p.stem for p in [*NOTEBOOKS.glob("*.ipynb"), *NOTEBOOKS.glob("*.py")]}))
+def test_each_notebook_and_its_paired_script_agree(stem):
+    # notebooks/jupytext.toml pairs NN_name.ipynb with the py:percent script NN_name.py
+    import jupytext
+    notebook, script = (NOTEBOOKS / f"{stem}{ext}" for ext in (".ipynb", ".py"))
+    nb_name, py_name = (str(p.relative_to(REPO)) for p in (notebook, script))
+    from_script = f"`.venv/bin/jupytext --update --to ipynb {py_name}`"
+    from_notebook = f"`.venv/bin/jupytext --to py:percent {nb_name}`"
+    if not script.exists():
+        pytest.fail(f"{nb_name} has no paired script {py_name}: write it with {from_notebook}", pytrace=False)
+    if not notebook.exists():
+        pytest.fail(f"{py_name} has no paired notebook {nb_name}: write it with {from_script}", pytrace=False)
+    cells = [[(c.cell_type, c.source, c.metadata.get("tags", [])) for c in jupytext.read(p).cells]
+             for p in (notebook, script)]
+    for i, (a, b) in enumerate(itertools.zip_longest(*cells)):
+        if a != b:
+            what = (f"is missing in {nb_name if a is None else py_name}" if None in (a, b) else
+                    "differs in " + " and ".join(k for k, x, y in zip(("type", "source", "tags"), a, b) if x != y))
+            pytest.fail(f"{nb_name} and {py_name} disagree: cell {i + 1} {what}. Update the file you did not edit: "
+                        f"{from_script} (from the script) or {from_notebook} (from the notebook)", pytrace=False)
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)

@@ -46,7 +46,7 @@ seed = 0
 out_dir = "../runs/pretrain"
 # Notebook-only settings
 live = True                 # live plotly widget in JupyterLab; headless runs set it to False
-figures_dir = "../figures"
+figures_dir = "../runs/figures"  # git ignores runs/; `make figures` writes the committed ../figures
 
 # %%
 cfg = params.config(PretrainConfig, extras=("live", "figures_dir"))

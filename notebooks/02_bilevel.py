@@ -55,7 +55,7 @@ out_dir = "../runs/bissl"
 # Notebook-only settings
 paper_mode = False          # True: the official algorithm (layerwise CG, recompute, per-view forwards, BN drift, NaN -> 0)
 live = True                 # live dashboard in JupyterLab; headless runs set it to False
-figures_dir = "../figures"
+figures_dir = "../runs/figures"  # git ignores runs/; `make figures` writes the committed ../figures
 
 # %%
 values = params.values()

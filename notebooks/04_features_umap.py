@@ -49,7 +49,7 @@ bn = "pretext"                   # BatchNorm statistics: "pretext" (re-estimated
 seed = 0
 # Notebook-only settings
 live = True                      # interactive explorer in JupyterLab; headless runs set it to False
-figures_dir = "../figures"
+figures_dir = "../runs/figures"  # git ignores runs/; `make figures` writes the committed ../figures
 
 # %%
 cfg = params.config(FeaturesConfig, extras=("live", "figures_dir"))
@@ -122,7 +122,8 @@ else:
     print("needs both the pre-trained and the BiSSL stage; skipped")
 
 # %% [markdown]
-# The figures are in `figures/04_features_*.{html,png}`. How to read the result: the claim is about
+# The figures are in `figures_dir` (by default `runs/figures/04_features_*.{html,png}`; `make figures` writes
+# the committed `figures/`). How to read the result: the claim is about
 # **θ_P against pre-trained**, before any fine-tuning. Higher k-NN, probe and silhouette for θ_P mean its
 # features already sort the downstream classes better; θ_D shows what the upper level learns with its
 # labels, and the fine-tuned rows show how much of that fine-tuning would have found anyway.

@@ -44,14 +44,15 @@ trials = 3                              # search trials per arm (the paper: 100-
 seeds = 3                               # final runs per arm (the paper: 10)
 epochs = 10                             # fine-tuning epochs of every run (the paper: 400)
 out_dir = "../runs/compare_demo"
-figures_dir = "../figures"
+figures_dir = "../runs/figures"         # git ignores runs/; `make figures` writes the committed ../figures
 figure_stem = "05_demo_comparison"
 # Notebook-only settings
 live = True                             # live search plot in JupyterLab; headless runs set it to False
 committed_results = "../results/comparison.json"
+committed_figure = "../figures/05_comparison.png"  # made with the committed results (results/run_comparison.sh)
 
 # %%
-cfg = params.config(CompareConfig, extras=("live", "committed_results"))
+cfg = params.config(CompareConfig, extras=("live", "committed_results", "committed_figure"))
 print(cfg.to_json())
 
 # %% [markdown]
@@ -98,8 +99,7 @@ if path.exists():
                      "finished runs are re-read, not redone)"))
     display(Markdown(comparison_table(committed)))
     display(Markdown("**Protocol.**\n\n" + protocol_text(committed)))
-    figure = Path(figures_dir) / "05_comparison.png"
-    if figure.exists():
-        display(Image(filename=str(figure)))
+    if Path(committed_figure).exists():
+        display(Image(filename=committed_figure))
 else:
     print(f"no committed results at {path}")

@@ -2,11 +2,14 @@
 import ast
 import itertools
 import json
+import re
 
 import pytest
 
 from bissl_kit.config import ConfigError
-from bissl_kit.notebooks import NOTEBOOKS, QUICK, REPO, SERIES, NotebookParameters, execute, kernel_config
+from bissl_kit import notebooks
+from bissl_kit.notebooks import (FIGURES, NOTEBOOKS, QUICK, REPO, SERIES, NotebookParameters, execute,
+                                 kernel_config)
 from bissl_kit.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.slow
@@ -51,16 +54,52 @@ def test_each_notebook_and_its_paired_script_agree(stem):
                         f"{from_script} (from the script) or {from_notebook} (from the notebook)", pytrace=False)
 
 
+def parameter_defaults(path):
+    """The literal values the ``parameters`` cell of a committed notebook assigns."""
+    nb = json.loads(path.read_text())
+    (cell,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    return {t.id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body
+            if isinstance(node, ast.Assign) for t in node.targets}
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_draw_their_figures_under_runs_unless_told(path):
+    # so that running a notebook in JupyterLab, like `make demo`, leaves the committed figures/ as it is
+    assert (NOTEBOOKS / parameter_defaults(path)["figures_dir"]).resolve() == FIGURES
+    assert FIGURES.relative_to(REPO).parts[0] == "runs" and "/runs/" in (REPO / ".gitignore").read_text()
+
+
+def test_demo_writes_figures_under_runs_and_make_figures_into_the_committed_figures(monkeypatch, capsys):
+    seen = {}
+
+    def execute(name, parameters, **kw):  # records what papermill would be given
+        seen[name] = parameters
+        return notebooks.EXECUTED / f"{name}.ipynb"
+
+    monkeypatch.setattr(notebooks, "execute", execute)
+    monkeypatch.chdir(REPO)
+
+    def run(*argv):
+        seen.clear()
+        assert notebooks.main(["run", *argv]) == 0
+        return {name: p["figures_dir"] for name, p in seen.items()}, capsys.readouterr().out.splitlines()[-1]
+
+    figures, said = run()  # make demo
+    assert figures == dict.fromkeys(SERIES, "../runs/figures") and said.endswith("figures in runs/figures/")
+    recipe = re.search(r"^figures:.*\n\t\$\(BIN\)/python -m bissl_kit\.notebooks (.+)$",
+                       (REPO / "Makefile").read_text(), re.M).group(1).split()
+    figures, said = run(*recipe[1:])  # make figures
+    assert recipe[0] == "run" and figures == dict.fromkeys(SERIES, "../figures") and said.endswith("figures in figures/")
+    figures, _ = run("--quick", "01_pretrain")
+    assert figures == {"01_pretrain": QUICK["01_pretrain"]["figures_dir"]}
+
+
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
 def test_papermill_sees_every_parameter_the_parameters_cell_assigns(path):
     # papermill parses the cell line by line and skips a line holding a second '=' (a comment's counts),
     # warning "Unable to parse line N": that parameter is then unknown to it
     import papermill
-    nb = json.loads(path.read_text())
-    (cell,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
-    assigned = {t.id for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)
-                for t in node.targets}
-    missed = assigned - set(papermill.inspect_notebook(str(path)))
+    missed = set(parameter_defaults(path)) - set(papermill.inspect_notebook(str(path)))
     assert not missed, f"papermill cannot parse the lines of {sorted(missed)} in {path.name}: one '=' per line"
 
 

@@ -1,5 +1,7 @@
 # The README's two commands: `make demo` (set up, then run the notebook series on the embedded
 # default) and `make test` (set up, then run the test suite). Both do all set-up on a fresh machine.
+# `make demo` draws its figures in runs/figures/ (ignored by git: a demo leaves `git status` clean);
+# `make figures` runs the same series but rewrites the committed figures/, on purpose, to be committed.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +10,7 @@ BIN := $(VENV)/bin
 # e.g. `make test TORCH="torch torchvision"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup data browser demo test quick-demo clean-runs
+.PHONY: setup data browser demo figures test quick-demo clean-runs
 
 setup: $(VENV)/.installed data browser
 
@@ -36,6 +38,13 @@ browser:
 
 demo: setup
 	$(BIN)/python -m bissl_kit.notebooks run
+
+# The committed figures/*.png (HTML beside them, ignored): the demo's series with figures_dir=figures. Finished
+# runs under runs/ are re-read, not redone, so after a `make demo` this redraws the demo's own numbers. Not
+# redrawn here: figures/05_comparison.png (results/run_comparison.sh) and figures/browser/ (BISSL_SCREENSHOTS,
+# tests/test_browser.py).
+figures: setup
+	$(BIN)/python -m bissl_kit.notebooks run --figures-dir figures
 
 test: setup
 	$(BIN)/python -m pytest

@@ -10,9 +10,11 @@ papermill injects its parameters as assignments after the ``parameters`` cell an
 unknown ones; :meth:`NotebookParameters.config` turns every new name that is not a field (or a
 declared extra) into an error, so ``-p lr_typo 0.1`` stops the run instead of training with defaults.
 
-From a shell: ``python -m bissl_kit.notebooks run [--quick] [NAME ...]`` executes the series in
-order with papermill (working directory ``notebooks/``), writes the executed copies to
-``notebooks/executed/`` without widget state, and prints the time of each.
+From a shell: ``python -m bissl_kit.notebooks run [--quick] [--figures-dir DIR] [NAME ...]`` executes
+the series in order with papermill (working directory ``notebooks/``), writes the executed copies to
+``notebooks/executed/`` without widget state, and prints the time of each. Figures go to ``runs/figures/``,
+which git ignores, so that ``make demo`` leaves the checkout clean; ``make figures`` passes
+``--figures-dir figures`` to rewrite the committed record on purpose.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import types
@@ -31,6 +34,9 @@ from .config import Config, ConfigError
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 EXECUTED = NOTEBOOKS / "executed"
+# Where the series draws its figures unless told otherwise (each notebook's default figures_dir, too):
+# under runs/, ignored by git; the committed figures/ is written only on purpose (`make figures`).
+FIGURES = REPO / "runs" / "figures"
 
 # The series, in order. QUICK holds the parameters the tests use for each (seconds, not minutes).
 SERIES = ("01_pretrain", "02_bilevel", "03_finetune", "04_features_umap", "05_results")
@@ -97,6 +103,19 @@ class _KnownParametersFilter(logging.Filter):
 logging.getLogger("papermill").addFilter(_KnownParametersFilter())
 
 
+def kernel_config():
+    """Configuration of the kernel papermill starts: encrypted transport (CurveZMQ) where pyzmq has it.
+
+    jupyter_client provisions no keys unless asked (``KernelManager.transport_encryption`` defaults to
+    "disabled"), and ipykernel then warns at every start "Kernel is running over TCP without encryption".
+    "auto" provisions keys when the kernel spec declares support (ipykernel's does) and runs unencrypted
+    otherwise; jupyter_client refuses it outright where libzmq has no CurveZMQ, hence the check."""
+    import zmq
+    from traitlets.config import Config
+
+    return Config(KernelManager={"transport_encryption": "auto"}) if zmq.has("curve") else Config()
+
+
 def execute(name: str, parameters: dict[str, Any] | None = None, *, output_dir: Path = EXECUTED,
             progress: bool = False) -> Path:
     """Run ``notebooks/<name>.ipynb`` headless (``live=False``) and return the executed copy's path."""
@@ -108,7 +127,8 @@ def execute(name: str, parameters: dict[str, Any] | None = None, *, output_dir: 
     output_dir.mkdir(parents=True, exist_ok=True)
     out = output_dir / f"{name}.ipynb"
     papermill.execute_notebook(str(src), str(out), parameters={"live": False, **(parameters or {})},
-                               cwd=str(NOTEBOOKS), progress_bar=progress, kernel_name="python3")
+                               cwd=str(NOTEBOOKS), progress_bar=progress, kernel_name="python3",
+                               config=kernel_config())
     strip_widget_state(out)
     return out
 
@@ -119,6 +139,9 @@ def main(argv=None) -> int:
     run = sub.add_parser("run", help="execute notebooks of the series in order, headless")
     run.add_argument("names", nargs="*", help=f"notebooks to run (default: all of {', '.join(SERIES)})")
     run.add_argument("--quick", action="store_true", help="the tests' tiny parameters (seconds per notebook)")
+    run.add_argument("--figures-dir", type=Path, default=None,
+                     help=f"write the figures here (default: {FIGURES.relative_to(REPO)}, with --quick "
+                          "runs/quick/figures); `make figures` passes figures, the committed record")
     args = parser.parse_args(argv)
     names = args.names or list(SERIES)
     unknown = [n for n in names if n not in SERIES]
@@ -126,11 +149,16 @@ def main(argv=None) -> int:
         parser.error(f"unknown notebook(s) {unknown}; the series is {', '.join(SERIES)}")
     total = time.perf_counter()
     for name in names:
+        parameters = dict(QUICK[name]) if args.quick else {}
+        figures = args.figures_dir or NOTEBOOKS / parameters.get("figures_dir", FIGURES)
+        # relative to notebooks/, where the notebooks run: the executed copies hold no path of this machine
+        parameters["figures_dir"] = os.path.relpath(figures, NOTEBOOKS)
         t0 = time.perf_counter()
         print(f"[{name}] running ...", flush=True)
-        out = execute(name, QUICK[name] if args.quick else None, progress=True)
+        out = execute(name, parameters, progress=True)
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s -> {out.relative_to(REPO)}", flush=True)
-    print(f"series done in {time.perf_counter() - total:.0f} s; figures in figures/", flush=True)
+    print(f"series done in {time.perf_counter() - total:.0f} s; figures in {os.path.relpath(figures)}{os.sep}",
+          flush=True)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The search (selection on val only, failures, resume), the statistics against scipy and by hand, the
 compute-matched continuation, the comparison end to end and notebook 05."""
+import base64
 import json
 import math
 from pathlib import Path
@@ -268,6 +269,10 @@ def test_05_results_notebook_runs_headless(sources, tmp_path, monkeypatch):
     # the committed comparison is shown with its command: the repository's own results file
     shown = json.dumps([o for c in nb["cells"] for o in c.get("outputs", [])])
     assert "fashion_mnist:50" in shown and "that invocation:" in shown and "no committed results" not in shown
+    # with its figure, which stays in figures/ wherever the demo's own figures go
+    committed_png = base64.b64encode((Path(__file__).parents[1] / "figures" / "05_comparison.png").read_bytes())
+    assert any(o.get("data", {}).get("image/png", "").replace("\n", "") == committed_png.decode()
+               for c in nb["cells"] for o in c.get("outputs", []))
     assert (tmp_path / "fig" / "05_demo_comparison.html").exists()
     assert (tmp_path / "cmp" / "comparison.json").exists()
 

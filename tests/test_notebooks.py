@@ -1,10 +1,15 @@
 """The notebook series under papermill, with the tests' quick parameters."""
+import ast
+import itertools
 import json
+import re
 
 import pytest
 
 from bissl_kit.config import ConfigError
-from bissl_kit.notebooks import NOTEBOOKS, QUICK, SERIES, NotebookParameters, execute
+from bissl_kit import notebooks
+from bissl_kit.notebooks import (FIGURES, NOTEBOOKS, QUICK, REPO, SERIES, NotebookParameters, execute,
+                                 kernel_config)
 from bissl_kit.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.slow
@@ -25,6 +30,77 @@ def test_committed_notebooks_are_clean_and_parametrised(path):
     assert "widgets" not in nb["metadata"]
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
     assert path.stem in SERIES
+
+
+@pytest.mark.parametrize("stem", sorted({p.stem for p in [*NOTEBOOKS.glob("*.ipynb"), *NOTEBOOKS.glob("*.py")]}))
+def test_each_notebook_and_its_paired_script_agree(stem):
+    # notebooks/jupytext.toml pairs NN_name.ipynb with the py:percent script NN_name.py
+    import jupytext
+    notebook, script = (NOTEBOOKS / f"{stem}{ext}" for ext in (".ipynb", ".py"))
+    nb_name, py_name = (str(p.relative_to(REPO)) for p in (notebook, script))
+    from_script = f"`.venv/bin/jupytext --update --to ipynb {py_name}`"
+    from_notebook = f"`.venv/bin/jupytext --to py:percent {nb_name}`"
+    if not script.exists():
+        pytest.fail(f"{nb_name} has no paired script {py_name}: write it with {from_notebook}", pytrace=False)
+    if not notebook.exists():
+        pytest.fail(f"{py_name} has no paired notebook {nb_name}: write it with {from_script}", pytrace=False)
+    cells = [[(c.cell_type, c.source, c.metadata.get("tags", [])) for c in jupytext.read(p).cells]
+             for p in (notebook, script)]
+    for i, (a, b) in enumerate(itertools.zip_longest(*cells)):
+        if a != b:
+            what = (f"is missing in {nb_name if a is None else py_name}" if None in (a, b) else
+                    "differs in " + " and ".join(k for k, x, y in zip(("type", "source", "tags"), a, b) if x != y))
+            pytest.fail(f"{nb_name} and {py_name} disagree: cell {i + 1} {what}. Update the file you did not edit: "
+                        f"{from_script} (from the script) or {from_notebook} (from the notebook)", pytrace=False)
+
+
+def parameter_defaults(path):
+    """The literal values the ``parameters`` cell of a committed notebook assigns."""
+    nb = json.loads(path.read_text())
+    (cell,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    return {t.id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body
+            if isinstance(node, ast.Assign) for t in node.targets}
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_draw_their_figures_under_runs_unless_told(path):
+    # so that running a notebook in JupyterLab, like `make demo`, leaves the committed figures/ as it is
+    assert (NOTEBOOKS / parameter_defaults(path)["figures_dir"]).resolve() == FIGURES
+    assert FIGURES.relative_to(REPO).parts[0] == "runs" and "/runs/" in (REPO / ".gitignore").read_text()
+
+
+def test_demo_writes_figures_under_runs_and_make_figures_into_the_committed_figures(monkeypatch, capsys):
+    seen = {}
+
+    def execute(name, parameters, **kw):  # records what papermill would be given
+        seen[name] = parameters
+        return notebooks.EXECUTED / f"{name}.ipynb"
+
+    monkeypatch.setattr(notebooks, "execute", execute)
+    monkeypatch.chdir(REPO)
+
+    def run(*argv):
+        seen.clear()
+        assert notebooks.main(["run", *argv]) == 0
+        return {name: p["figures_dir"] for name, p in seen.items()}, capsys.readouterr().out.splitlines()[-1]
+
+    figures, said = run()  # make demo
+    assert figures == dict.fromkeys(SERIES, "../runs/figures") and said.endswith("figures in runs/figures/")
+    recipe = re.search(r"^figures:.*\n\t\$\(BIN\)/python -m bissl_kit\.notebooks (.+)$",
+                       (REPO / "Makefile").read_text(), re.M).group(1).split()
+    figures, said = run(*recipe[1:])  # make figures
+    assert recipe[0] == "run" and figures == dict.fromkeys(SERIES, "../figures") and said.endswith("figures in figures/")
+    figures, _ = run("--quick", "01_pretrain")
+    assert figures == {"01_pretrain": QUICK["01_pretrain"]["figures_dir"]}
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_papermill_sees_every_parameter_the_parameters_cell_assigns(path):
+    # papermill parses the cell line by line and skips a line holding a second '=' (a comment's counts),
+    # warning "Unable to parse line N": that parameter is then unknown to it
+    import papermill
+    missed = set(parameter_defaults(path)) - set(papermill.inspect_notebook(str(path)))
+    assert not missed, f"papermill cannot parse the lines of {sorted(missed)} in {path.name}: one '=' per line"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +128,20 @@ def test_unknown_papermill_parameter_stops_the_notebook(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="unknown PretrainConfig parameter.*'lrr'"):
         execute("01_pretrain", quick("01_pretrain", tmp_path, lrr=0.1), output_dir=tmp_path / "nb")
     assert not (tmp_path / "out_dir").exists()  # nothing was trained or written
+
+
+def test_kernel_starts_with_an_encrypted_transport_and_no_warning(tmp_path, capfd):
+    import nbformat
+    import papermill
+    import zmq
+    if not zmq.has("curve"):
+        pytest.skip("libzmq without CurveZMQ: the kernel runs unencrypted (and ipykernel says so)")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    out = papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                     progress_bar=False, config=kernel_config())
+    assert out.cells[0].outputs[0]["text"] == "42\n"
+    assert "without encryption" not in capfd.readouterr().err  # ipykernel's warning at a plain-TCP start
 
 
 def test_notebook_parameters_capture_only_new_names():

@@ -17,7 +17,8 @@
 
 # %%
 from bissl_kit.notebooks import NotebookParameters
-from bissl_kit.finetune import FinetuneConfig, Finetuner, FinetuneMonitor, frozen_metrics, load_backbone
+from bissl_kit.backbones import load_backbone
+from bissl_kit.finetune import FinetuneConfig, Finetuner, FinetuneMonitor, frozen_metrics
 from bissl_kit.plots import markdown_table
 
 params = NotebookParameters(globals())
@@ -49,10 +50,10 @@ print(cfg.to_json())
 # probe (a linear classifier on frozen features), both on the **val** split.
 
 # %%
-backbone, pre_cfg, source = load_backbone(cfg.backbone_checkpoint)
+source = load_backbone(cfg.backbone_checkpoint)  # the backbone as it starts, before fine-tuning
 tuner = Finetuner(cfg)
-frozen = frozen_metrics(backbone, tuner.data, split="val")
-print(f"backbone: {source['kind']} checkpoint {source['path']}")
+frozen = frozen_metrics(source.backbone, tuner.data, split="val")
+print(f"backbone: {source.role} backbone of the {source.kind} checkpoint {source.path}")
 print(f"k-NN          {frozen['knn']:.2%}   ({frozen['knn_protocol']})")
 print(f"linear probe  {frozen['probe']:.2%}   ({frozen['probe_protocol']})" if frozen["probe"] is not None
       else frozen["probe_protocol"])
@@ -63,7 +64,7 @@ print(f"linear probe  {frozen['probe']:.2%}   ({frozen['probe_protocol']})" if f
 # Re-running the notebook resumes a stopped run (and redraws its history) instead of starting over.
 
 # %%
-monitor = FinetuneMonitor(live=live, title=f"Fine-tuning the {source['kind']} backbone on {tuner.data.task}")
+monitor = FinetuneMonitor(live=live, title=f"Fine-tuning the {source.kind} backbone on {tuner.data.task}")
 for record in tuner.run(replay=True):
     monitor.update(record)
 monitor.finish("03_finetune_curves", figures_dir)

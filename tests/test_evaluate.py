@@ -129,7 +129,7 @@ def test_estimate_bn_stats_is_the_images_statistics_on_a_copy():
     z = net[0](normalize(x, (0.5,), (0.5,)))
     torch.testing.assert_close(est[1].running_mean, z.mean((0, 2, 3)))
     torch.testing.assert_close(est[1].running_var, z.var((0, 2, 3), unbiased=True))
-    assert not est.training and est[1].momentum is None
+    assert not est.training and est[1].momentum == 0.1  # update_bn restores the layers' momentum
     # the original: same parameters and buffers, still in train mode, its BN momentum kept
     assert net.training and net[1].momentum == 0.1
     for k, v in net.state_dict().items():

@@ -2,7 +2,7 @@
 
 The stage is the trainer's own (``bissl_kit.bissl.BisslTrainer``), started from one pre-trained
 checkpoint with the spec's counts N_L = 20 lower steps, N_U = 8 upper steps, K = 5 solver
-iterations (``--cg-iters``; the default mode's cap is its own), the head warm-up skipped so that only
+iterations (``--solver-iters``; the default mode's cap is its own), the head warm-up skipped so that only
 the stage is timed.  Modes (``MODES``):
 
 * ``official``: :data:`bissl_kit.bissl.PAPER_MODE`: layerwise recursion, every Hessian-vector product
@@ -58,11 +58,11 @@ MODES = {
     "paper+reuse": {**PAPER_MODE, "hvp": "reuse"},
     "default": dict(FAST_MODE),
     # the default until 2026-11-28
-    "reuse+cg5-tol+recycle": {**FAST_MODE, **OURS, "solver": "cg", "cg_iters": 5, "cg_rtol": 1e-2,
+    "reuse+cg5-tol+recycle": {**FAST_MODE, **OURS, "solver": "cg", "solver_iters": 5, "solver_rtol": 1e-2,
                               "warm_start": "recycle"},
-    "reuse+minres5-tol": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 5, "cg_rtol": 1e-2,
+    "reuse+minres5-tol": {**FAST_MODE, **OURS, "solver": "minres", "solver_iters": 5, "solver_rtol": 1e-2,
                           "warm_start": "none"},
-    "reuse+minres2": {**FAST_MODE, **OURS, "solver": "minres", "cg_iters": 2, "cg_rtol": 1e-2, "warm_start": "none"},
+    "reuse+minres2": {**FAST_MODE, **OURS, "solver": "minres", "solver_iters": 2, "solver_rtol": 1e-2, "warm_start": "none"},
     # the pretext views: one forward per view (official) against one joint forward (our default)
     "default+per-view": {**FAST_MODE, "pretext_forward": "per_view"},
     "official+joint": {**PAPER_MODE, "pretext_forward": "joint"},
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=128, help="B_P pairs per lower step and B_D images per upper step.")
     ap.add_argument("--lower-steps", type=int, default=20, help="N_L (paper 20).")
     ap.add_argument("--upper-steps", type=int, default=8, help="N_U (paper 8).")
-    ap.add_argument("--cg-iters", type=int, default=5, help="K of the paper-mode solvers (paper 5).")
+    ap.add_argument("--solver-iters", type=int, default=5, help="K of the paper-mode solvers (paper 5).")
     ap.add_argument("--damping", type=float, default=10.0, help="δ (official 10).")
     ap.add_argument("--modes", default="official,paper+reuse,default",
                     help="comma-separated, from: " + ", ".join(MODES))
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     cuda = args.device.startswith("cuda")
     args.image_size = args.image_size or (96 if cuda else 16)
     args.width = args.width or (64 if cuda else 16)
-    for name in ("batch", "repeats", "cg_iters", "ref_iters", "pretrain_steps"):
+    for name in ("batch", "repeats", "solver_iters", "ref_iters", "pretrain_steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lower_steps", "upper_steps"):
@@ -125,7 +125,7 @@ def pretrained_checkpoint(args) -> Path:
 def stage_config(args, mode: str, ckpt: Path, out_dir: str) -> BisslConfig:
     opts = dict(MODES[mode])
     if opts["solver"] == "layerwise":
-        opts["cg_iters"] = args.cg_iters
+        opts["solver_iters"] = args.solver_iters
     return BisslConfig.from_dict({
         **opts, "pretrain_checkpoint": str(ckpt), "stages": 1, "lower_steps": args.lower_steps,
         "upper_steps": args.upper_steps, "head_warmup_epochs": 0, "damping": args.damping,
@@ -237,7 +237,7 @@ def report(args, results, ref_info):
     w = distributed.world_size()
     print(f"Processes: {w}" + (f" (torchrun; global batch {args.batch}, {args.batch // w} per rank; BatchNorm "
                                f"{'over the global batch' if args.sync_bn else 'per rank'})" if w > 1 else ""))
-    print(f"Stage: N_L {args.lower_steps}, N_U {args.upper_steps}, K {args.cg_iters} (paper modes); "
+    print(f"Stage: N_L {args.lower_steps}, N_U {args.upper_steps}, K {args.solver_iters} (paper modes); "
           f"batch {args.batch}; ResNet-18 width {args.width} at {args.image_size} px, pre-trained "
           f"{args.pretrain_steps} SimCLR steps; λ = 1e-3, δ = {args.damping:g}; repeats {args.repeats}")
     ok = ref_info["converged"] and ref_info["true_rel_residual"] <= 2 * args.ref_rtol

@@ -33,14 +33,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import data as data_mod
 from . import distributed
 from .backbones import load_backbone
 from .checkpoint import CheckpointError, content_signature, load_checkpoint
-from .config import Config, ConfigError, param
+from .config import Config, ConfigError, device_param, param
 from .finetune import FinetuneConfig, describe_source, frozen_metrics, load_data, task_name
 from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates, write_json
 from .rng import resolve_device
@@ -98,7 +97,7 @@ class CompareConfig(Config):
     probe_epochs: int = param(100, "epochs of the linear probe", low=1)
     # Running
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
+    device: str = device_param()
     out_dir: str = param("runs/compare", "run directory: matched continuations, search trials and seed runs", resumable=True)
     results_dir: str | None = param(None, "where comparison.json/.csv/.md go; None = out_dir", resumable=True)
     figures_dir: str | None = param(None, "export the comparison figure here; None = no export", resumable=True)
@@ -106,8 +105,6 @@ class CompareConfig(Config):
     progress: bool = param(True, "show a tqdm progress bar over the runs", resumable=True)
 
     def check(self):
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
         for t in self.tasks:
@@ -136,7 +133,7 @@ class CompareConfig(Config):
 
 # ---- the compute-matched baseline: extra pretext steps ---------------------------------------------------
 
-def matched_config(cfg: CompareConfig, bissl_config: dict) -> "PretrainConfig":
+def matched_config(cfg: CompareConfig, bissl_config: dict):
     """The compute-matched baseline's run: the pretext run of ``cfg.pretrain_checkpoint`` continued for as
     many steps as the BiSSL run's lower level took (stages × N_L), with its LARS settings, batch, schedule,
     clipping, pretext forward and seed, and without the proximal term or an upper level. A BYOL target
@@ -179,7 +176,7 @@ def run_matched(pre_cfg) -> Path:
 
 def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | Path) -> dict:
     """The config of a finished BiSSL run on ``task`` started from ``pretrain_checkpoint``'s pretext run."""
-    from .bissl import CHECKPOINT_KIND as BISSL_KIND
+    from .bissl import CHECKPOINT_KIND as BISSL_KIND, BisslConfig
     from .pretrain import PretrainConfig, as_run
 
     path = Path(run_dir) / "checkpoint.pt"
@@ -188,7 +185,8 @@ def check_bissl_run(run_dir: str | Path, task: str, pretrain_checkpoint: str | P
                           f"python -m bissl_kit bissl --downstream {parse_task(task)[0]} --out-dir {run_dir} "
                           f"--pretrain-checkpoint {pretrain_checkpoint}")
     ckpt = load_checkpoint(path, kind=BISSL_KIND)
-    cfg = ckpt["config"]
+    saved = BisslConfig.from_saved(ckpt["config"])
+    cfg = {**saved.to_dict(), "solver_iters": saved.resolved_solver_iters}  # the config as run, with its K
     if ckpt["step"] < cfg["stages"]:
         raise ConfigError(f"the BiSSL run {str(run_dir)!r} has finished {ckpt['step']} of {cfg['stages']} stages; "
                           "finish it first (running it again resumes it)")
@@ -307,7 +305,7 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
         entry = {"task": task, "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test()),
                  "bissl_run": {"dir": str(bissl_run), **{k: bissl_cfg[k] for k in (
                      "stages", "lower_steps", "upper_steps", "lower_batch_size", "upper_batch_size", "gamma", "lam",
-                     "damping", "solver", "cg_iters", "upper_lr", "upper_weight_decay", "seed")}},
+                     "damping", "solver", "solver_iters", "upper_lr", "upper_weight_decay", "seed")}},
                  "matched_extra_steps": bissl_cfg["stages"] * bissl_cfg["lower_steps"], "arms": {}, "paired": []}
         loaded = {arm: load_backbone(backbones[arm]) for arm in cfg.arms}
         entry["distance_from_pretext"] = {arm: relative_distance(loaded[arm].backbone, pre_backbone)
@@ -392,6 +390,11 @@ def csv_text(results: dict) -> str:
     return buf.getvalue()
 
 
+def _times(k) -> str:
+    """' × K' for a solver run with K iterations ('' where the record leaves K to the solver)."""
+    return f" × {k}" if k else ""
+
+
 def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -443,7 +446,7 @@ def protocol_text(results: dict) -> str:
             f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
             f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
             f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
-            f"solver {b['solver']}{(' × ' + str(b['cg_iters'])) if b.get('cg_iters') else ''}; "
+            f"solver {b['solver']}{_times(b.get('solver_iters', b.get('cg_iters')))}; "
             f"matched baseline: +{t['matched_extra_steps']} pretext steps. "
             + ("Backbones moved from the pretext one by (relative L2 of the parameters) "
                + ", ".join(f"{ARM_LABELS[a]} {d:.3g}" for a, d in t["distance_from_pretext"].items())

@@ -14,9 +14,10 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 _MISSING = dataclasses.MISSING
 
@@ -27,17 +28,32 @@ class ConfigError(ValueError):
 
 def param(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
           high: float | None = None, low_inclusive: bool = True, high_inclusive: bool = True,
-          resumable: bool = False) -> Any:
+          resumable: bool = False, check: Callable[[str, Any], None] | None = None) -> Any:
     """Declare a config field with its allowed values.
 
     ``low``/``high`` bound numbers (and every element of a tuple); ``choices`` lists the allowed values;
-    ``resumable=True`` marks a field that does not change the numbers of a run (see the module docstring).
+    ``check(name, value)`` raises :class:`ConfigError` for any other rule; ``resumable=True`` marks a
+    field that does not change the numbers of a run (see the module docstring).
     """
-    meta = {"help": help, "choices": choices, "low": low, "high": high,
-            "low_inclusive": low_inclusive, "high_inclusive": high_inclusive, "resumable": resumable}
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_inclusive": low_inclusive,
+            "high_inclusive": high_inclusive, "resumable": resumable, "check": check}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in configs; use a tuple")
     return dataclasses.field(default=default, metadata=meta)
+
+
+DEVICE_RULE = "'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)"
+
+
+def check_device(name: str, value: str) -> None:
+    """A device string a stage can use: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N'."""
+    if value not in ("auto", "cpu") and re.fullmatch(r"cuda(:\d+)?", value) is None:
+        raise ConfigError(f"{name}={value!r} is not allowed; {name} must be {DEVICE_RULE}")
+
+
+def device_param(help: str = "where to run") -> Any:
+    """The ``device`` field every stage has (resumable: a run may move between devices)."""
+    return param("auto", f"{help}: {DEVICE_RULE}", resumable=True, check=check_device)
 
 
 def _allowed_text(meta: dict) -> str:
@@ -127,6 +143,8 @@ class Config:
         for f in dataclasses.fields(self):
             value = _check_type(f.name, getattr(self, f.name), hints[f.name])
             _check_range(f.name, value, f.metadata)
+            if f.metadata.get("check") is not None and value is not None:
+                f.metadata["check"](f.name, value)
             object.__setattr__(self, f.name, value)
         self.check()
 

@@ -101,7 +101,7 @@ class BisslDashboard:
                 f.extend(T_COS_PRETEXT, x, rec["cos_implicit_pretext"])
             self.heat_columns.append(rec["cos_implicit_classic_layers"])
             v = rec.get("v_norm") or 1.0
-            self.residuals = (self.residuals + [[r / v for r in rec["cg_residuals"]]])[-RESIDUAL_HISTORY:]
+            self.residuals = (self.residuals + [[r / v for r in rec["solver_residuals"]]])[-RESIDUAL_HISTORY:]
         elif kind == "stage":
             f.extend(T_DIST, rec["stage"], rec["distance"])
             if "val_top1" in rec:
@@ -141,7 +141,7 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
         "lam": w.FloatLogSlider(value=c.lam, base=10, min=-5, max=1, description="λ"),
         "damping": w.FloatLogSlider(value=max(c.damping, 1e-3), base=10, min=-3, max=2, description="δ"),
         "gamma": w.FloatLogSlider(value=max(c.gamma, 1e-3), base=10, min=-3, max=1, description="γ"),
-        "cg_iters": w.IntSlider(value=c.solver_iters, min=1, max=50, description="K (solver its)"),
+        "solver_iters": w.IntSlider(value=c.resolved_solver_iters, min=1, max=50, description="K (solver its)"),
         "lower_steps": w.IntSlider(value=c.lower_steps, min=0, max=50, description="N_L"),
         "upper_steps": w.IntSlider(value=c.upper_steps, min=0, max=20, description="N_U"),
         "lower_lr": w.FloatLogSlider(value=c.lower_lr, base=10, min=-3, max=1, description="lower lr"),

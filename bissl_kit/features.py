@@ -39,7 +39,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from torch import nn
 from . import data as data_mod
 from .backbones import load_backbone
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, param
+from .config import DEVICE_RULE, Config, ConfigError, check_device, param
 from .evaluate import evaluate_frozen
 
 if TYPE_CHECKING:
@@ -101,15 +101,13 @@ class FeaturesConfig(Config):
                     choices=("pretext", "running"))
     # Running
     seed: int = param(0, "seed of UMAP, the probe and the pictured subset", low=0)
-    device: str = param("cpu", "'cpu', 'cuda' or 'cuda:N' for feature extraction")
+    device: str = param("cpu", f"where features are extracted: {DEVICE_RULE}", check=check_device)
 
     def check(self):
         bad = [s for s in self.stages if s not in STAGE_KINDS]
         if bad or not self.stages or len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages={self.stages!r}: each must be one of {', '.join(STAGE_KINDS)}, "
                               "at least one, none twice")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device={self.device!r} must be 'cpu', 'cuda' or 'cuda:N'")
         if self.downstream is not None and self.downstream not in data_mod.DATASETS:
             raise ConfigError(f"downstream={self.downstream!r} must be None or one of {', '.join(data_mod.DATASETS)}")
         if self.labels_per_class is not None and self.downstream is None:

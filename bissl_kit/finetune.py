@@ -59,10 +59,10 @@ from torch import nn
 from . import data as data_mod
 from . import distributed
 from .augment import augment, downstream_train_spec, normalize
-from .bissl import accuracy_topk
 from .backbones import LoadedBackbone, load_backbone, rebuild, recipe_of
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config, ConfigError, param
+from .config import Config, ConfigError, device_param, param
+from .evaluate import accuracy_topk
 from .models import linear_head
 from .optim import set_lr, warmup_cosine
 from .rng import generator, resolve_device
@@ -101,14 +101,11 @@ class FinetuneConfig(Config):
                              "trials) never loads the test split", resumable=True)
     # Running
     seed: int = param(0, "seed of the head initialisation, batch order and augmentations", low=0)
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
+    device: str = device_param()
     out_dir: str = param("runs/finetune", "run directory: checkpoint, metrics, config", resumable=True)
     checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1, resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
-    def check(self):
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 # ---- where the backbone comes from ------------------------------------------------------------------

@@ -6,8 +6,8 @@ paper's timm models lack and small images need:
 * ``small_stem``: a 3×3 stride-1 first convolution and no max-pool, the usual CIFAR-style stem. At 28 px
   the ImageNet stem (7×7 stride 2 + max-pool) leaves a 7×7 map before layer1 and 1×1 after layer4.
 * ``width``: the channel count of layer1; the layers have (w, 2w, 4w, 8w) channels. ``width=64`` is
-  the standard ResNet; ``width=16`` with ResNet-18 is the narrow CPU default (0.7 M parameters,
-  ≈0.7 s per SimCLR step of 256 pairs at 28 px on 2 cores, against 7.6 s for the full ResNet-18).
+  the standard ResNet; ``width=16`` with ResNet-18 is the narrow CPU default (0.7 M parameters, about a
+  tenth of a full ResNet-18's step time on a CPU; docs/benchmarks.md).
 
 The classifier ``fc`` is removed: ``backbone(x)`` returns the globally pooled features (N, feat_dim),
 like the official code's timm model with ``fc`` replaced by ``Flatten``.

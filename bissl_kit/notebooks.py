@@ -44,7 +44,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "01_pretrain": {"steps": 6, "batch_size": 32, "warmup_steps": 2, "knn_every": 3, "width": 4,
                     "out_dir": "../runs/quick/pretrain", "figures_dir": "../runs/quick/figures"},
     "02_bilevel": {"stages": 2, "lower_steps": 2, "upper_steps": 2, "lower_batch_size": 16, "upper_batch_size": 16,
-                   "head_warmup_epochs": 1, "cg_iters": 3, "pretrain_checkpoint": "../runs/quick/pretrain/checkpoint.pt",
+                   "head_warmup_epochs": 1, "solver_iters": 3, "pretrain_checkpoint": "../runs/quick/pretrain/checkpoint.pt",
                    "out_dir": "../runs/quick/bissl", "figures_dir": "../runs/quick/figures"},
     "03_finetune": {"backbone_checkpoint": "../runs/quick/bissl/checkpoint.pt", "epochs": 2, "batch_size": 64,
                     "out_dir": "../runs/quick/finetune", "figures_dir": "../runs/quick/figures"},

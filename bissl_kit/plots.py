@@ -153,8 +153,7 @@ def _quiet_kaleido():
 def png_export_available() -> bool:
     """True when kaleido can render (it needs a Chromium, e.g. Debian's ``chromium``).
 
-    Starts kaleido's persistent browser once: each export then takes ~0.1 s instead of a browser
-    start (~2–4 s) per figure."""
+    Starts kaleido's persistent browser once, so that an export does not pay a browser start per figure."""
     try:
         import kaleido
         kaleido.start_sync_server(silence_warnings=True)
@@ -196,9 +195,10 @@ class PretrainMonitor:
         self.title = title
 
     def update(self, record: dict) -> None:
-        if "loss" in record:
+        kind = record.get("kind", "knn" if "knn" in record else "step")  # records written before kinds existed
+        if kind == "step":
             self.figure.extend(0, record["step"], record["loss"])
-        if "knn" in record:
+        elif kind == "knn":
             self.figure.extend(1, record["step"], record["knn"])
             self.figure.fig.layout.title.text = f"{self.title}<br><sup>k-NN: {record['protocol']}</sup>"
 

@@ -29,7 +29,7 @@ from . import distributed
 from .augment import simclr_specs, two_views
 from .backbones import check_recipe, recipe_of
 from .checkpoint import CheckpointError, content_signature, load_checkpoint
-from .config import Config, ConfigError, param
+from .config import Config, ConfigError, device_param, param
 from .evaluate import evaluate_frozen
 from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
@@ -67,8 +67,8 @@ class PretrainConfig(Config):
     crop_scale: tuple[float, float] = param((0.3, 1.0), "random-resized-crop area fraction range", low=0, high=1)
     # None = the chain's own value. The embedded 1-channel chain has no flip (digits, the embedded
     # downstream task, are chiral: mirror invariance is a wrong prior for them, and Fashion-MNIST items
-    # are mostly mirror-symmetric, so a flip adds little pretext signal; measured +4.5 points of digits
-    # k-NN at seed 0, benchmarks/experiments/pretrain_knn.md); the paper's chain keeps its flip 0.5.
+    # are mostly mirror-symmetric, so a flip adds little pretext signal; experiments/pretrain_knn/README.md
+    # has the measurement); the paper's chain keeps its flip 0.5.
     flip_p: float | None = param(None, "probability of a horizontal flip per view; None = the chain's own "
                                  "(embedded 1-channel 0, RGB and paper 0.5)", low=0, high=1)
     # Ours, not the paper's: the digits are 8×8 images upscaled, the pretext images sharp.
@@ -79,7 +79,7 @@ class PretrainConfig(Config):
     paper_augment: bool = param(False, "the paper's §2.4 augmentation chain instead of the embedded one")
     # Optimisation
     # 200: the embedded run fits the 4-minute budget of `make demo` on a shared 2-core CPU (300 did not), and
-    # the digits k-NN (pretext BN) is already ~8 points above random init (benchmarks/experiments/pretrain_knn.md)
+    # the digits k-NN (pretext BN) is already ~8 points above random init (experiments/pretrain_knn/README.md)
     steps: int = param(200, "optimiser steps (batches of `batch_size` image pairs)", low=1)
     batch_size: int = param(256, "image pairs per step (global batch)", low=2)
     lr: float = param(1.2, "LARS base learning rate", low=0, low_inclusive=False)
@@ -93,7 +93,7 @@ class PretrainConfig(Config):
     init_checkpoint: str | None = param(None, "start from this pre-training checkpoint's weights instead of a random "
                                         "initialisation (a continued run; the architecture fields must match it)",
                                         resumable=True)
-    bf16: bool = param(False, "bfloat16 autocast for forward passes (≈1.5× faster on CPU)")
+    bf16: bool = param(False, "bfloat16 autocast for forward passes (faster on recent CPUs and GPUs; docs/benchmarks.md)")
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
                           "pre-training) instead of per-rank shards; no effect in one process", resumable=True)
     # Monitoring
@@ -110,14 +110,12 @@ class PretrainConfig(Config):
                         choices=("pretext", "running"))
     # Running
     seed: int = param(0, "seed of batch order, augmentations and initialisation", low=0)
-    device: str = param("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'", resumable=True)
+    device: str = device_param()
     out_dir: str = param("runs/pretrain", "run directory: checkpoint, metrics, config", resumable=True)
     checkpoint_every: int = param(50, "write the checkpoint every this many steps (and at the end)", low=1, resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
     def check(self):
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[0] <= 0:
             raise ConfigError(f"crop_scale={self.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
         # a continued run mirrors another schedule (the BiSSL lower level's), whose warm-up may outlast it
@@ -352,11 +350,11 @@ class Pretrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
         self.optimizer.step()
         self.model.update_target()
-        return {"step": step + 1, "loss": value.item(), "lr": lr}
+        return {"kind": "step", "step": step + 1, "loss": value.item(), "lr": lr}
 
     def run(self, *, replay: bool = False) -> Iterator[dict]:
         """Train until ``cfg.steps``; yields one record per step (``step`` counts finished steps)
-        and, after k-NN evaluations, a record with ``knn`` and its ``protocol``. ``replay=True``
+        (kind ``"step"``) and, after k-NN evaluations, one of kind ``"knn"`` with its ``protocol``. ``replay=True``
         first yields the records of a resumed run's earlier steps (to redraw a plot)."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +400,7 @@ class Pretrainer:
         accuracy under each protocol, so that a change of protocol is never read as a training gain."""
         res = {bn: self.knn(bn) for bn in KNN_BN_PROTOCOLS}
         main = res[self.cfg.knn_bn]
-        return {"step": self.step, "knn": main.accuracy,
+        return {"kind": "knn", "step": self.step, "knn": main.accuracy,
                 "protocol": f"{self.cfg.eval_dataset} val, {main.protocol()}, {KNN_BN_PROTOCOLS[self.cfg.knn_bn]}",
                 "knn_by_bn": {bn: r.accuracy for bn, r in res.items()}}
 

@@ -10,6 +10,8 @@ import hashlib
 
 import torch
 
+from .config import ConfigError
+
 
 def derive_seed(seed: int, *tags) -> int:
     """A 63-bit seed from the run seed and any tags (strings, ints), stable across processes."""
@@ -27,5 +29,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+        raise ConfigError(f"device={device!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)

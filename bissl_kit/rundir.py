@@ -283,13 +283,12 @@ class RunDir:
         if recipe is not None:
             from .backbones import check_recipe
             check_recipe(ckpt["backbone"], recipe, where=str(self.checkpoint_path))
-        cls = type(self.cfg)
-        saved = cls.from_saved(ckpt["config"]).to_dict()
-        conflicts = config_conflicts(saved, self.cfg.to_dict(), cls.resumable_fields())
+        saved = type(self.cfg).from_saved(ckpt["config"])
+        conflicts = config_conflicts(saved.identity(), self.cfg.identity(), frozenset())
         saved_identity = ckpt["lineage"].get("identity", {})
         # the inputs named by a config field (a checkpoint path): compared by content, so a moved file resumes
         conflicts += [f"{k}: {getattr(self.cfg, k, None)!r} is not the file this run started from "
-                      f"({saved.get(k)!r}): their contents differ" for k, v in self.identity.items()
+                      f"({getattr(saved, k, None)!r}): their contents differ" for k, v in self.identity.items()
                       if saved_identity.get(k) != v]
         if conflicts:
             raise RunConflictError(

@@ -23,7 +23,7 @@
 #   cosine per layer and upper step.
 # * **solver residuals** — ‖v − Ax‖/‖v‖ of each upper step's solve. The official "layerwise" recursion's x
 #   leaves a residual of about 8‖v‖ here, farther from the solution than x = 0. Our default, one MINRES
-#   iteration (x = αv with the best α), can never do worse than x = 0; more iterations (`cg_iters`) reduce
+#   iteration (x = αv with the best α), can never do worse than x = 0; more iterations (`solver_iters`) reduce
 #   the residual slowly on this indefinite A (`benchmarks/stage.py`: error 0.98 with 1 iteration, 0.81 with 5).
 # * **‖θ_P − θ_D‖** — how far the proximal term lets the two backbones drift apart.
 #
@@ -74,7 +74,7 @@ trainer = build_trainer(cfg)
 mode = "paper mode" if paper_mode else "fast mode"
 dashboard = BisslDashboard(live=live, layer_names=[name for name, _ in trainer.groups],
                            lower_steps=cfg.lower_steps, upper_steps=trainer.upper_steps,
-                           title=f"BiSSL on {cfg.downstream} ({mode}): λ={cfg.lam:g}, δ={cfg.damping:g}, γ={cfg.gamma:g}, K={cfg.solver_iters}")
+                           title=f"BiSSL on {cfg.downstream} ({mode}): λ={cfg.lam:g}, δ={cfg.damping:g}, γ={cfg.gamma:g}, K={cfg.resolved_solver_iters}")
 for record in trainer.run(replay=True):  # replay: a resumed run redraws its history
     dashboard.update(record)
 dashboard.finish("02_bilevel_dashboard", figures_dir)

@@ -3,10 +3,10 @@ spec's reference is tests/test_paper_mode.py."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bissl_kit.bissl import PAPER_MODE, BilevelData, BisslConfig, BisslTrainer, accuracy_topk, layer_groups
+from bissl_kit.bissl import PAPER_MODE, BilevelData, BisslConfig, BisslTrainer, layer_groups
+from bissl_kit.evaluate import accuracy_topk
 from bissl_kit.config import ConfigError
 from bissl_kit.losses import nt_xent
 from bissl_kit.rng import generator
@@ -90,13 +90,13 @@ def test_graph_reuse_gives_the_parameters_of_recompute():
 def test_true_cg_converges_where_layerwise_does_not_and_reports_residuals():
     lower, upper, head, data = make_problem()
     # δ = 10 as in the paper keeps A = I + H/(λ+δ) positive definite on this toy
-    cfg = cfg_for(1.0, solver="cg", cg_iters=200, cg_rtol=1e-10, warm_start="none", nonfinite="raise", damping=10.0)
+    cfg = cfg_for(1.0, solver="cg", solver_iters=200, solver_rtol=1e-10, warm_start="none", nonfinite="raise", damping=10.0)
     recs = [r for r in BisslTrainer(cfg, lower, upper, head, data).run(1) if r["kind"] == "upper"]
-    assert all(r["cg_converged"] and r["cg_iterations"] < 200 for r in recs)
+    assert all(r["solver_converged"] and r["solver_iterations"] < 200 for r in recs)
     lower, upper, head, data = make_problem()
-    cfg = cfg_for(1.0, solver="layerwise", cg_iters=200, damping=10.0)
+    cfg = cfg_for(1.0, solver="layerwise", solver_iters=200, damping=10.0)
     recs = [r for r in BisslTrainer(cfg, lower, upper, head, data).run(1) if r["kind"] == "upper"]
-    assert all(r["cg_iterations"] == 200 and not r["cg_converged"] for r in recs)  # fixed count, no tolerance
+    assert all(r["solver_iterations"] == 200 and not r["solver_converged"] for r in recs)  # fixed count, no tolerance
 
 
 def test_krylov_recycling_needs_fewer_products_than_cold_starts():
@@ -104,9 +104,9 @@ def test_krylov_recycling_needs_fewer_products_than_cold_starts():
     iters = {}
     for ws in ("none", warm_start):
         lower, upper, head, data = make_problem()
-        cfg = cfg_for(1.0, solver="cg", cg_iters=80, cg_rtol=1e-4, warm_start=ws, hvp="reuse", upper_steps=4,
+        cfg = cfg_for(1.0, solver="cg", solver_iters=80, solver_rtol=1e-4, warm_start=ws, hvp="reuse", upper_steps=4,
                       nonfinite="raise", damping=10.0)
-        iters[ws] = sum(r["cg_iterations"] for r in BisslTrainer(cfg, lower, upper, head, data).run(1)
+        iters[ws] = sum(r["solver_iterations"] for r in BisslTrainer(cfg, lower, upper, head, data).run(1)
                         if r["kind"] == "upper")
     assert iters[warm_start] < iters["none"]
 
@@ -127,7 +127,7 @@ def test_minres_solves_every_stage_system_even_where_A_is_indefinite():
     lower, upper, head, data = make_problem()
     # λ + δ = 3.02 makes A = I + H/(λ+δ) indefinite on this toy (eigenvalues −15 … 41), as the official δ
     # does on the CPU ResNet
-    cfg = cfg_for(1.0, solver="minres", cg_iters=400, cg_rtol=1e-12, warm_start="previous", hvp="reuse",
+    cfg = cfg_for(1.0, solver="minres", solver_iters=400, solver_rtol=1e-12, warm_start="previous", hvp="reuse",
                   nonfinite="raise", lam=0.02, damping=3.0, upper_steps=3)
     trainer = BisslTrainer(cfg, lower, upper, head, data)
     seen = []
@@ -201,7 +201,7 @@ def test_evaluation_topk_and_layer_groups():
 @pytest.mark.parametrize("field,value,needle", [
     ("lam", 0.0, "lam=0.0 is out of range; lam must be > 0"),
     ("damping", -1.0, "damping=-1.0 is out of range"),
-    ("cg_iters", 0, "cg_iters=0 is out of range; cg_iters must be >= 1"),
+    ("solver_iters", 0, "solver_iters=0 is out of range; solver_iters must be >= 1"),
     ("lower_steps", -1, "lower_steps=-1 is out of range"),
     ("solver", "lbfgs", "solver='lbfgs' is not allowed"),
     ("warm_start", "previous", "warm_start='previous' needs solver='cg'"),
@@ -213,17 +213,17 @@ def test_bad_bissl_config_is_rejected(field, value, needle):
 
 def test_solver_iterations_default_to_each_solvers_own():
     # None means "the solver's default", so switching solver never inherits another solver's K
-    assert (BisslConfig().solver, BisslConfig().solver_iters) == ("minres", 1)
-    assert BisslConfig(solver="layerwise").solver_iters == 5
-    assert BisslConfig().replace(solver="cg", warm_start="recycle").solver_iters == 5
-    assert BisslConfig(solver="cg", cg_iters=3).solver_iters == 3
-    assert BisslConfig.embedded().solver_iters == 1 and BisslConfig.embedded(paper_mode=True).solver_iters == 5
+    assert (BisslConfig().solver, BisslConfig().resolved_solver_iters) == ("minres", 1)
+    assert BisslConfig(solver="layerwise").resolved_solver_iters == 5
+    assert BisslConfig().replace(solver="cg", warm_start="recycle").resolved_solver_iters == 5
+    assert BisslConfig(solver="cg", solver_iters=3).resolved_solver_iters == 3
+    assert BisslConfig.embedded().resolved_solver_iters == 1 and BisslConfig.embedded(paper_mode=True).resolved_solver_iters == 5
 
 
 def test_presets_are_the_spec_defaults():
     iclr, neurips = BisslConfig.paper_iclr(), BisslConfig.paper_neurips()
     for c in (iclr, neurips):
-        assert (c.stages, c.lower_steps, c.upper_steps, c.lam, c.damping, c.cg_iters) == (500, 20, 8, 1e-3, 10.0, 5)
+        assert (c.stages, c.lower_steps, c.upper_steps, c.lam, c.damping, c.solver_iters) == (500, 20, 8, 1e-3, 10.0, 5)
         assert c.solver == "layerwise" and c.hvp == "recompute" and c.nonfinite == "zero" and c.bn_stats == "update"
         assert (c.lower_clip, c.upper_clip, c.lower_batch_size, c.upper_batch_size) == (10.0, 10.0, 1024, 256)
     assert iclr.gamma == 0.01 and neurips.gamma == 1.0

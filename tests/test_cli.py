@@ -44,7 +44,7 @@ def test_every_stage_from_the_command_line(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
     out = cli("bissl", "--pretrain-checkpoint", "runs/pre/checkpoint.pt", "--stages", 1, "--lower-steps", 2,
               "--upper-steps", 2, "--lower-batch-size", 16, "--upper-batch-size", 16, "--head-warmup-epochs", 1,
-              "--cg-iters", 3, "--device", "cpu", "--progress", "false", "--out-dir", "runs/bissl", cwd=tmp_path)
+              "--solver-iters", 3, "--device", "cpu", "--progress", "false", "--out-dir", "runs/bissl", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "stage 1: val top-1" in out.stdout
     saved = json.loads((tmp_path / "runs/bissl/config.json").read_text())
@@ -53,10 +53,10 @@ def test_every_stage_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["bissl", "--paper-mode", "--pretrain-checkpoint", "runs/pre/checkpoint.pt", "--stages", "1",
                  "--lower-steps", "1", "--upper-steps", "1", "--lower-batch-size", "16", "--upper-batch-size", "16",
-                 "--head-warmup-epochs", "0", "--cg-iters", "2", "--device", "cpu", "--progress", "false",
+                 "--head-warmup-epochs", "0", "--solver-iters", "2", "--device", "cpu", "--progress", "false",
                  "--out-dir", "runs/paper"]) == 0
     paper = json.loads((tmp_path / "runs/paper/config.json").read_text())
-    assert (paper["solver"], paper["hvp"], paper["nonfinite"], paper["cg_iters"]) == ("layerwise", "recompute", "zero", 2)
+    assert (paper["solver"], paper["hvp"], paper["nonfinite"], paper["solver_iters"]) == ("layerwise", "recompute", "zero", 2)
     out = cli("finetune", "--backbone-checkpoint", "runs/bissl/checkpoint.pt", "--labels-per-class", 20,
               "--epochs", 1, "--batch-size", 64, "--device", "cpu", "--progress", "false", "--out-dir", "runs/ft",
               cwd=tmp_path)

@@ -23,7 +23,8 @@ def test_defaults_are_valid_and_round_trip():
     ("small_stem", 1, "small_stem=1 must be True or False"),
     ("crop_scale", (0.5, 0.2), "crop_scale=(0.5, 0.2) must be (low, high)"),
     ("crop_scale", (0.2,), "must have 2 elements"),
-    ("device", "tpu", "device='tpu' must be"),
+    ("device", "tpu", "device='tpu' is not allowed; device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("device", "cuda:x", "device='cuda:x' is not allowed; device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("warmup_steps", 400, "warmup_steps=400 must be < steps=200"),
     ("clip_grad_norm", -1.0, "clip_grad_norm=-1.0 is out of range"),
 ])

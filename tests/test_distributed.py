@@ -157,7 +157,7 @@ def partial_problem():
 
 def stage_configs():
     """name → (config, tolerance on the parameters after two stages)."""
-    fast = {**FAST_MODE, "cg_rtol": 1e-12, "damping": 10.0}
+    fast = {**FAST_MODE, "solver_rtol": 1e-12, "damping": 10.0}
     return {"paper": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B), 1e-10),
             # paper mode keeps partial last batches: 24 = 2·10 + 4 pretext pairs (2 + 2 per rank) and
             # 17 = 2·6 + 5 downstream items (3 + 2, each rank's loss weighted by its part), both drawn in stage 1
@@ -168,7 +168,7 @@ def stage_configs():
             # deflated CG solves with a pseudo-inverse cut at √ε (bissl_kit.implicit.KrylovMemory): which
             # Krylov directions survive the cut depends on rounding, so the two sides agree to ~1e-9
             "cg-recycle": (cfg_for(1.0, lower_batch_size=LOWER_B, upper_batch_size=UPPER_B,
-                                   **{**fast, "solver": "cg", "cg_iters": 5, "warm_start": "recycle"}), 1e-8)}
+                                   **{**fast, "solver": "cg", "solver_iters": 5, "warm_start": "recycle"}), 1e-8)}
 
 
 def check_stages(out):
@@ -218,7 +218,7 @@ def bn_configs():
     CG runs to convergence here: capped at 20 unconverged iterations it amplifies the rounding
     differences of the two sides to 3e-8 (the BN-free toy agrees to 1e-10 even then)."""
     kw = dict(lower_batch_size=LOWER_B, upper_batch_size=UPPER_B)
-    fast = {**FAST_MODE, "warm_start": "previous", "cg_iters": 300, "cg_rtol": 1e-12, "damping": 10.0}
+    fast = {**FAST_MODE, "warm_start": "previous", "solver_iters": 300, "solver_rtol": 1e-12, "damping": 10.0}
     return {"syncTrue": cfg_for(1.0, sync_bn=True, **kw), "syncFalse": cfg_for(1.0, sync_bn=False, **kw),
             "syncTrue-fast": cfg_for(1.0, sync_bn=True, **kw, **fast)}
 

@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
                             out_dir=str(root / "pretrain")))
     bissl = BisslConfig.embedded(pretrain_checkpoint=str(root / "pretrain" / "checkpoint.pt"), stages=1, lower_steps=2,
                                  upper_steps=2, lower_batch_size=16, upper_batch_size=16, head_warmup_epochs=1,
-                                 cg_iters=3, progress=False, device="cpu", out_dir=str(root / "bissl"))
+                                 solver_iters=3, progress=False, device="cpu", out_dir=str(root / "bissl"))
     for _ in build_trainer(bissl).run():
         pass
     finetune(FinetuneConfig(backbone_checkpoint=str(root / "bissl" / "checkpoint.pt"), epochs=1, batch_size=128,

@@ -25,7 +25,7 @@ def tiny_runs(root):
     pretrain(pre)
     bissl = BisslConfig.embedded(pretrain_checkpoint=str(root / "pretrain" / "checkpoint.pt"), stages=1, lower_steps=2,
                                  upper_steps=2, lower_batch_size=16, upper_batch_size=16, head_warmup_epochs=1,
-                                 cg_iters=3, progress=False, device="cpu", out_dir=str(root / "bissl"))
+                                 solver_iters=3, progress=False, device="cpu", out_dir=str(root / "bissl"))
     for _ in build_trainer(bissl).run():
         pass
     return root / "pretrain" / "checkpoint.pt", root / "bissl" / "checkpoint.pt"

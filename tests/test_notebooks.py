@@ -171,7 +171,7 @@ def test_02_bilevel_in_paper_mode(pretrained, tmp_path):
     execute("02_bilevel", quick("02_bilevel", tmp_path, pretrain_checkpoint=ckpt, paper_mode=True),
             output_dir=tmp_path / "nb")
     cfg = json.loads((tmp_path / "out_dir" / "config.json").read_text())
-    assert cfg["solver"] == "layerwise" and cfg["hvp"] == "recompute" and cfg["cg_iters"] == 3
+    assert cfg["solver"] == "layerwise" and cfg["hvp"] == "recompute" and cfg["solver_iters"] == 3
 
 
 def test_dashboard_builds_headless_and_accepts_every_record_kind():
@@ -180,7 +180,7 @@ def test_dashboard_builds_headless_and_accepts_every_record_kind():
     d.update({"kind": "lower", "stage": 1, "step": 1, "pretext_loss": 5.0})
     d.update({"kind": "upper", "stage": 1, "step": 1, "implicit_loss": 2.0, "classic_loss": 2.1,
               "cos_implicit_classic": 0.9, "cos_implicit_pretext": -0.1, "cos_implicit_classic_layers": [0.8, 0.95],
-              "cg_residuals": [2.0, 0.2, 0.02], "v_norm": 2.0})
+              "solver_residuals": [2.0, 0.2, 0.02], "v_norm": 2.0})
     d.update({"kind": "stage", "stage": 1, "distance": 0.5, "val_top1": 0.7})
     fig = d.figure.fig
     assert list(fig.data[5].z) == [[0.8], [0.95]]          # heat map: layers × upper steps

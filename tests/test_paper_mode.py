@@ -228,7 +228,7 @@ def reference_run(c, lower, upper, head, data):
         for _ in range(n_upper):
             x, y = data.downstream_batch(up.take(), ("upper", t_up))
             g_imp = torch.autograd.grad(F.cross_entropy(head(lower.backbone(x)), y), tp + phi_d)
-            hyper = ref_layerwise_cg(A, list(g_imp[:len(tp)]), c.solver_iters)
+            hyper = ref_layerwise_cg(A, list(g_imp[:len(tp)]), c.resolved_solver_iters)
             g_cls = torch.autograd.grad(F.cross_entropy(head(upper(x)), y), td + phi_d)
             g = ref_clip([h + c.gamma * k for h, k in zip(hyper + list(g_imp[len(tp):]), g_cls)], c.upper_clip)
             ref_sgd(td + phi_d, g, buf, ref_lr(t_up, c.upper_lr, 0, c.stages * c.upper_steps),

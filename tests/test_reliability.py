@@ -252,7 +252,7 @@ CASES = [
     Case("bissl-gamma", config(BisslConfig, gamma=-1.0), ConfigError, ("gamma=-1.0 is out of range", "gamma must be >= 0")),
     Case("bissl-upper-steps", config(BisslConfig, upper_steps=-1), ConfigError,
          ("upper_steps=-1", "upper_steps must be >= 0")),
-    Case("bissl-cg-rtol", config(BisslConfig, cg_rtol=0.0), ConfigError, ("cg_rtol=0.0", "cg_rtol must be > 0")),
+    Case("bissl-solver-rtol", config(BisslConfig, solver_rtol=0.0), ConfigError, ("solver_rtol=0.0", "solver_rtol must be > 0")),
     Case("bissl-hessian-batches", config(BisslConfig, hessian_batches=0), ConfigError,
          ("hessian_batches=0", "hessian_batches must be >= 1")),
     Case("bissl-hessian-lower", config(BisslConfig, hessian_batch="lower", hessian_batches=3, lower_steps=2),
@@ -491,11 +491,11 @@ def test_bissl_nonfinite_zero_warns_counts_and_goes_on(ws, tmp_path):
         records = list(build_trainer(cfg).run())
     upper = [r for r in records if r["kind"] == "upper"]
     stage = [r for r in records if r["kind"] == "stage"][-1]
-    assert len(upper) == 2 and all(r["cg_nonfinite"] > 0 for r in upper)
-    assert stage["cg_nonfinite"] == sum(r["cg_nonfinite"] for r in upper)
+    assert len(upper) == 2 and all(r["solver_nonfinite"] > 0 for r in upper)
+    assert stage["solver_nonfinite"] == sum(r["solver_nonfinite"] for r in upper)
     replaced = [w for w in caught if issubclass(w.category, RuntimeWarning) and "replaced by torch.nan_to_num" in str(w.message)]
     assert len(replaced) == 2
-    assert json.loads((tmp_path / "z" / "metrics.jsonl").read_text().splitlines()[-1])["cg_nonfinite"] > 0
+    assert json.loads((tmp_path / "z" / "metrics.jsonl").read_text().splitlines()[-1])["solver_nonfinite"] > 0
     with pytest.raises(FloatingPointError, match="hypergradient solve is non-finite at stage 1, upper step 1"):
         list(build_trainer(cfg.replace(nonfinite="raise", out_dir=str(tmp_path / "r"))).run())
 

@@ -76,4 +76,7 @@ __all__ = [
     "sample_params", "sample_crop_boxes", "apply_params", "resized_crop", "color_jitter", "gaussian_blur",
     "low_resolution",
     "default_mean_std", "IMAGENET_MEAN", "IMAGENET_STD", "GRAY_MEAN", "GRAY_STD",
+    # constants of the ops and the parameter table, for the benchmarks and the tests
+    "BLUR_TRUNCATE", "LUMA_WEIGHTS", "SOLARIZE_THRESHOLD", "CROP_ATTEMPTS", "JITTER_OPS", "PARAM_COLUMNS",
+    "INTERPOLATIONS", "PAPER_RATIO",
 ]

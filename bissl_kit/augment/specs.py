@@ -120,7 +120,7 @@ def simclr_specs(size: int, channels: int, *, paper: bool = False) -> tuple[Augm
     grayscale 0.2; no blur/solarize (at 28 px a σ≤2 blur erases the digit-scale detail). Both views
     identical. mean/std from `default_mean_std`.
     The 1-channel chain is the embedded Fashion-MNIST → digits setting, and two choices follow its
-    downstream task (benchmarks/experiments/pretrain_knn.md, digits val k-NN after 300 steps):
+    downstream task (experiments/pretrain_knn/README.md, digits val k-NN after 300 steps):
     no horizontal flip (flip_p 0: digits are chiral, so mirror invariance is a wrong prior for them,
     and most Fashion-MNIST items are mirror-symmetric, so a flip adds little pretext signal), and a
     low-resolution view with p 0.5, r ∈ 6..12 px (the digits are 8×8 images upscaled); the k-NN

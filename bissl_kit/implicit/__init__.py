@@ -28,7 +28,7 @@ Modules, in the order a solve uses them:
   presets :data:`PAPER_SOLVER` and :data:`RECOMMENDED_SOLVER`.
 """
 from .hypergradient import (
-    OFFICIAL_CG_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS, HypergradientSolver, HypergradResult, hypergradient,
+    DEFAULT_ITERS, OFFICIAL_CG_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS, HypergradientSolver, HypergradResult, hypergradient,
 )
 from .operators import (
     OFFICIAL_DAMPING, OFFICIAL_LAMBDA, AveragedOperator, DampedOperator, HessianOperator, RankMeanOperator,
@@ -42,5 +42,5 @@ __all__ = [
     "NonFiniteError", "SolveResult", "layerwise", "cg", "minres",
     "DampedOperator", "HessianOperator", "AveragedOperator", "RankMeanOperator", "rank_mean", "isolated_bn_buffers",
     "KrylovMemory",
-    "SOLVERS", "HypergradResult", "hypergradient", "HypergradientSolver", "PAPER_SOLVER", "RECOMMENDED_SOLVER",
+    "SOLVERS", "DEFAULT_ITERS", "HypergradResult", "hypergradient", "HypergradientSolver", "PAPER_SOLVER", "RECOMMENDED_SOLVER",
 ]

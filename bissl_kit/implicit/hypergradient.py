@@ -18,7 +18,7 @@ from torch import Tensor
 from .recycling import KrylovMemory
 from .solvers import SolveResult, cg, layerwise, minres
 
-__all__ = ["OFFICIAL_CG_ITERS", "SOLVERS", "HypergradResult", "hypergradient", "HypergradientSolver",
+__all__ = ["OFFICIAL_CG_ITERS", "SOLVERS", "DEFAULT_ITERS", "HypergradResult", "hypergradient", "HypergradientSolver",
            "PAPER_SOLVER", "RECOMMENDED_SOLVER"]
 
 #: Solver iterations per upper step (K); the official code never stops early.
@@ -105,11 +105,15 @@ PAPER_SOLVER = dict(solver="layerwise", max_iter=OFFICIAL_CG_ITERS, rtol=None, a
 #: The kit's default: one MINRES iteration, i.e. x = α v with the α that minimises ‖v − A α v‖
 #: (never farther from solving the system than x = 0, which the official five layerwise iterations
 #: can be where A is indefinite).  Its speed and error against the official scheme and against more
-#: iterations are measured by ``benchmarks/stage.py`` and ``benchmarks/hypergradient.py`` (README,
-#: "Benchmarks"); raise ``max_iter`` where a closer solve matters more than speed.  Pair it with
+#: iterations are measured by ``benchmarks/stage.py`` and ``benchmarks/hypergradient.py``
+#: (docs/benchmarks.md); raise ``max_iter`` where a closer solve matters more than speed.  Pair it with
 #: ``HessianOperator(mode="reuse")``.
 RECOMMENDED_SOLVER = dict(solver="minres", max_iter=1, rtol=1e-2, atol=None,
                           warm_start="none", nonfinite="raise")
+
+#: Each solver's K where a config leaves it to the solver: the official count for the official-style
+#: solvers, the recommended one for MINRES (so switching solver never inherits another's K).
+DEFAULT_ITERS = {"layerwise": OFFICIAL_CG_ITERS, "cg": OFFICIAL_CG_ITERS, "minres": RECOMMENDED_SOLVER["max_iter"]}
 
 
 class HypergradientSolver:

@@ -1,9 +1,9 @@
 """The issue-2 targets of the embedded pre-training default, measured with the library itself.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_demo.py speed
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_demo.py random --seeds 0 1 2 3 4
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_demo.py notebook --seed 0
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_demo.py train --seed 1
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_demo.py speed
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_demo.py random --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_demo.py notebook --seed 0
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_demo.py train --seed 1
 
 * ``speed``: steps/s of the default with and without the low-resolution view, side by side in one
   process: blocks of ``--block`` training steps alternate between the two view chains (same model,
@@ -111,7 +111,7 @@ def cmd_notebook(args) -> None:
     from bissl_kit.notebooks import execute
     out_dir = RUNS / f"pretrain_s{args.seed}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    params = {"seed": args.seed, "out_dir": str(out_dir), "figures_dir": str(ROOT / "figures"), **args.set}
+    params = {"seed": args.seed, "out_dir": str(out_dir), "figures_dir": str(ROOT / "runs" / "figures"), **args.set}
     before = load()
     t = time.perf_counter()
     execute("01_pretrain", params, output_dir=RUNS / "executed")

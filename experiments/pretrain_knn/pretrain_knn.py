@@ -6,10 +6,10 @@ augmentations) are monkeypatched/subclassed in this file only.
 
 Usage (one run at a time, on the shared 2-core machine):
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_knn.py random --seeds 0 1 2 3 4
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_knn.py train --name base \
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_knn.py random --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_knn.py train --name base \
         --seeds 0 --set steps=300 --eval-at 0 100 200 300
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/experiments/pretrain_knn.py ckpt runs/pretrain/checkpoint.pt
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/pretrain_knn/pretrain_knn.py ckpt runs/pretrain/checkpoint.pt
 
 Feature-extraction modes of the k-NN monitor (`MODES`):
 

@@ -21,15 +21,23 @@ import shlex
 import sys
 import types
 import typing
+from pathlib import Path
+
+import torch
 
 from . import distributed
 from .bissl import BisslConfig
 from .checkpoint import CheckpointError
+from .hpo import SearchFailedError
+from .rundir import RunLockedError
 from .compare import CompareConfig
 from .config import Config, ConfigError
 from .data import DataNotFoundError
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
+
+# errors a user causes (bad input, files, a folder in use, a full disk): a message, exit status 2
+USER_ERRORS = (ConfigError, CheckpointError, DataNotFoundError, RunLockedError, SearchFailedError, OSError)
 
 STAGES: dict[str, type[Config]] = {"pretrain": PretrainConfig, "bissl": BisslConfig, "finetune": FinetuneConfig,
                                    "compare": CompareConfig}
@@ -59,11 +67,37 @@ def _parse_value(text: str, hint):
 def add_config_options(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        is_tuple = typing.get_origin(hint) is tuple
+        is_tuple = _tuple_hint(hints[f.name]) is not None
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                             nargs="+" if is_tuple else None, metavar=f.name.upper(),
                             help=f"{f.metadata.get('help', '')} (default: {f.default!r})")
+
+
+def _tuple_hint(hint):
+    """The tuple annotation of a field (``tuple[...]`` or ``tuple[...] | None``), else None."""
+    if typing.get_origin(hint) is tuple:
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if typing.get_origin(a) is tuple), None)
+    return None
+
+
+def read_config_file(path: str) -> dict:
+    """The fields of a ``--config`` JSON file (a run's config.json): a clear error for a file that is
+    missing, unreadable, not JSON, or not one object."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ConfigError(f"--config {path!r} cannot be read ({reason})") from None
+    try:
+        values = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--config {path!r} is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path!r} must hold one JSON object of config fields (e.g. a run's config.json), "
+                          f"not a {type(values).__name__}")
+    return values
 
 
 # the BiSSL presets on the command line: each takes the options given as its overrides
@@ -79,17 +113,18 @@ def config_values(cls: type[Config], args: argparse.Namespace) -> dict:
     hints = typing.get_type_hints(cls)
     values = {}
     if getattr(args, "config", None):
-        with open(args.config) as fh:
-            values.update(json.load(fh))
+        values.update(read_config_file(args.config))
     for f in dataclasses.fields(cls):
         if f.name in vars(args):
             raw = vars(args)[f.name]
-            hint = hints[f.name]
-            if typing.get_origin(hint) is tuple:
-                elem = typing.get_args(hint)[0]
-                values[f.name] = tuple(_parse_value(v, elem) for v in raw)
+            tup = _tuple_hint(hints[f.name])
+            if tup is not None:
+                if len(raw) == 1 and raw[0].lower() == "none":  # an Optional tuple set to None
+                    values[f.name] = None
+                else:
+                    values[f.name] = tuple(_parse_value(v, typing.get_args(tup)[0]) for v in raw)
             else:
-                values[f.name] = _parse_value(raw, hint)
+                values[f.name] = _parse_value(raw, hints[f.name])
     return values
 
 
@@ -127,20 +162,34 @@ def main(argv=None) -> int:
         close = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u, known, n=1)]
         p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else "")
                 + f"; `python -m bissl_kit {args.stage} --help` lists the options")
+    stage_parser = stage_parsers[args.stage]
     try:
         cfg = config_from_args(STAGES[args.stage], args)
     except (ConfigError, argparse.ArgumentTypeError) as e:
-        parser.error(str(e))
+        stage_parser.error(str(e))  # the stage's usage, not the top level's
     # under torchrun (torchrun --nproc-per-node M python -m bissl_kit STAGE ...) every rank runs this;
     # join the process group now, and let rank 0 alone print (errors still reach stderr on every rank)
     if distributed.init(device=getattr(cfg, "device", None)) and not distributed.is_main():
         sys.stdout = open(os.devnull, "w")
     try:
         return _run(args, cfg, argv)
-    except (ConfigError, CheckpointError, DataNotFoundError) as e:
-        # bad input found once files are opened (a checkpoint of another kind, a run directory of another
-        # config, a dataset that is not there): the message says what and where, a traceback adds nothing
-        stage_parsers[args.stage].exit(2, f"{parser.prog} {args.stage}: error: {e}\n")
+    except USER_ERRORS as e:
+        # bad input found once files are opened (a checkpoint of another kind, a run folder of another
+        # config or in use, a dataset that is not there, a full disk, a search that had nothing to choose
+        # from): the message says what and where, a traceback adds nothing
+        stage_parser.exit(2, f"{parser.prog} {args.stage}: error: {e}\n")
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        sizes = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("batch_size", "lower_batch_size", "upper_batch_size",
+                                                           "width", "image_size") if hasattr(cfg, k))
+        stage_parser.exit(2, f"{parser.prog} {args.stage}: error: the run does not fit in memory ({sizes}); "
+                             f"lower the batch size, the width or the image size ({str(e).splitlines()[0][:200]})\n")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
 
 
 def _run(args: argparse.Namespace, cfg: Config, argv) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CheckpointError, content_signature, load_checkpoint
+from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
 
 # the backbones a checkpoint of each kind holds, the first being what the stage hands on
 ROLES = {"pretrain": ("pretrained",), "bissl": ("lower", "upper"), "finetune": ("finetuned",)}
@@ -72,7 +72,7 @@ def load_backbone(path: str | Path, which: str | None = None) -> LoadedBackbone:
         raise CheckpointError(f"{str(path)!r} is a {ckpt['kind']!r} checkpoint: it holds the backbone(s) "
                               f"{', '.join(map(repr, roles))}, not {which!r}")
     backbone = rebuild(ckpt["backbone"])
-    backbone.load_state_dict(ckpt["backbones"][which])
+    load_state(backbone, ckpt["backbones"][which], where=str(path), what=f"{which} backbone")
     pre = PretrainConfig.from_saved(ckpt["lineage"]["pretrain_config"])
     return LoadedBackbone(backbone.eval(), which, ckpt["kind"], str(path), ckpt["step"], ckpt["config"], pre,
                           ckpt["lineage"], content_signature(ckpt))

@@ -14,9 +14,9 @@ A checkpoint is a plain dict:
   from (``init``, with the content signature of that file), the run it was forked from (``parent``);
 * ``state``: what the stage needs to resume (optimisers, heads, iterators, history).
 
-Writing goes to a temporary file in the same folder, flushed to disk and renamed over the old one, so
-a run killed at any moment leaves either the previous complete checkpoint or the new one, never half
-a file; a state with a NaN or Inf is never written. Reading checks the kind and the format and names
+Writing is atomic (:mod:`bissl_kit.files`): a run killed at any moment, or a full disk, leaves either
+the previous complete checkpoint or the new one, never half a file; a state with a NaN or Inf is
+never written. Reading checks the kind and the format and names
 what is wrong before any state is touched. :func:`load_checkpoint` is the kit's one ``torch.load``.
 """
 
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import write_atomic
 
 FORMAT = 2
 KINDS = ("pretrain", "bissl", "finetune")
@@ -77,28 +78,22 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         raise FloatingPointError(
             f"{kind} checkpoint at {STEP_UNITS.get(kind, 'step')} {payload.get('step')} not written: non-finite "
             f"values (NaN/Inf) in {shown}; the run diverged and {kept} (lower the learning rate, or clip gradients)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**payload, "format": FORMAT}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: torch.save({**payload, "format": FORMAT}, f), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
     """Read a checkpoint of any format (converted to the current one), checking that it is complete and,
     when ``kind`` is given, of that kind (or one of those kinds)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint file (a run folder's checkpoint is "
+                              f"{str(path / 'checkpoint.pt')!r})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors, numbers, strings and containers only, so loading one
+        # never runs code from the file
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or truncated "
                               f"({type(e).__name__}: {e}); delete it or point to another file") from e
@@ -110,6 +105,17 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | tuple[str, ...] | No
         expected = " or ".join(repr(k) for k in kinds)
         raise CheckpointError(f"{str(path)!r} holds a {ckpt['kind']!r} checkpoint, expected {expected}")
     return ckpt
+
+
+def load_state(module, state: dict, *, where: str, what: str = "model") -> None:
+    """``module.load_state_dict(state)``, or a :class:`CheckpointError` naming the file when the saved state
+    does not fit the module (missing or unexpected keys, other shapes: a damaged or foreign checkpoint)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"checkpoint {where!r}: its {what} does not fit the network it is loaded into "
+                              f"({' '.join(first[:2])[:300]}); it is damaged or of another network") from None
 
 
 def content_signature(checkpoint: str | os.PathLike | dict) -> str:

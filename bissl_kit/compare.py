@@ -44,7 +44,8 @@ from .finetune import FinetuneConfig, describe_source, frozen_metrics, load_data
 from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates, write_json
 from .rng import resolve_device
 from .stats import mean_ci, paired_ttest
-from .rundir import config_conflicts, progress_bar
+from .files import check_folder
+from .rundir import RunLock, config_conflicts, progress_bar
 
 ARMS = ("baseline", "baseline_matched", "bissl")
 ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
@@ -234,7 +235,12 @@ def check_earlier_results(cfg: CompareConfig, candidates) -> None:
             path = Path(cfg.out_dir) / _slug(task) / arm / "search.json"
             if not path.exists():
                 continue
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+                saved["base"], saved["candidates"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"out_dir: {str(path)!r} is damaged ({type(e).__name__}: {e}); the runs beside it are "
+                                  "intact: delete the file and run the comparison again to rebuild it") from None
             name, labels = parse_task(task)
             now = {**{k: getattr(cfg, k) for k in _SEARCH_FIELDS}, "downstream": name, "labels_per_class": labels}
             diffs = [f"{k}: saved {saved['base'].get(k)!r}, now {v!r}" for k, v in now.items()
@@ -281,6 +287,21 @@ def run_comparison(cfg: CompareConfig, *, command: str | None = None, on_run=Non
                           "'python -m bissl_kit compare ...' without torchrun; its fine-tuning runs are small, "
                           "and pre-training, BiSSL and finetune are the stages that scale out")
     t_start = time.perf_counter()
+    # every folder the comparison writes must be usable before the first run, not after the last
+    folders = {"out_dir": cfg.out_dir, "results_dir": cfg.results_dir, "figures_dir": cfg.figures_dir}
+    for field, folder in folders.items():
+        if folder is not None:
+            check_folder(field, folder)
+    # one comparison per folder at a time (its runs lock their own folders too)
+    locks = [RunLock(f).acquire() for f in dict.fromkeys(str(Path(f)) for f in (cfg.out_dir, cfg.results_dir) if f)]
+    try:
+        return _run_comparison(cfg, command, on_run, t_start)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_comparison(cfg: CompareConfig, command, on_run, t_start: float) -> dict:
     candidates = sample_candidates(cfg.trials, seed=cfg.search_seed, lr_range=cfg.lr_range, wd_range=cfg.wd_range)
     try:
         pre_ckpt = load_checkpoint(cfg.pretrain_checkpoint, kind="pretrain")

@@ -60,7 +60,7 @@ from . import data as data_mod
 from . import distributed
 from .augment import augment, downstream_train_spec, normalize
 from .backbones import LoadedBackbone, load_backbone, rebuild, recipe_of
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
 from .evaluate import accuracy_topk
 from .models import linear_head
@@ -137,9 +137,9 @@ def load_finetuned(path: str | Path):
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
     cfg = FinetuneConfig.from_saved(ckpt["config"])
     backbone = rebuild(ckpt["backbone"])
-    backbone.load_state_dict(ckpt["backbones"]["finetuned"])
+    load_state(backbone, ckpt["backbones"]["finetuned"], where=str(path), what="backbone")
     head = linear_head(backbone.feat_dim, ckpt["state"]["num_classes"])
-    head.load_state_dict(reported_head(ckpt["state"]))
+    load_state(head, reported_head(ckpt["state"]), where=str(path), what="head")
     return backbone.eval(), head.eval(), cfg
 
 
@@ -268,7 +268,7 @@ class Finetuner:
         identity = {"backbone_checkpoint": loaded.signature}
         lineage = {"pretrain_config": self.pre_cfg.to_dict(), "init": {**self.source, "signature": loaded.signature}}
         # rank 0 alone locks the folder, logs and writes checkpoints; every rank resumes from them
-        self.run_dir = RunDir(self.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
+        self.run_dir = RunDir(cfg.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
         self.log = self.run_dir.log
         if data is None:
             data = load_data(cfg.downstream, self.pre_cfg, labels_per_class=cfg.labels_per_class,
@@ -277,6 +277,8 @@ class Finetuner:
             raise ConfigError(f"data is {data.task!r} but the config asks for "
                               f"{task_name(cfg.downstream, cfg.labels_per_class)!r}")
         self.data = data
+        self.run_dir.identity["downstream_data"] = data_mod.fingerprint(data.train.images, data.train.labels,
+                                                                      data.val.images, data.val.labels)
         self.in_channels = data.train.images.shape[1]
         if self.in_channels != self.backbone.in_channels:
             raise ConfigError(f"downstream={cfg.downstream!r} has {self.in_channels} channels but the backbone "
@@ -352,8 +354,8 @@ class Finetuner:
         if ckpt is None:
             return
         state = ckpt["state"]
-        self.backbone.load_state_dict(ckpt["backbones"]["finetuned"])
-        self.head.load_state_dict(reported_head(state))
+        load_state(self.backbone, ckpt["backbones"]["finetuned"], where=str(self.checkpoint_path), what="backbone")
+        load_state(self.head, reported_head(state), where=str(self.checkpoint_path), what="head")
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.history, self.result = ckpt["step"], state["history"], state["result"]

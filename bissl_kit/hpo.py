@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import RunConflictError
+from .checkpoint import CheckpointError
 from .config import ConfigError
+from .files import write_text_atomic
 from .finetune import DownstreamData, FinetuneConfig, finetune
 from .rng import generator
+
+class SearchFailedError(RuntimeError):
+    """No trial of a search finished, or a finished one cannot be read back: the search cannot choose."""
+
 
 # the official search ranges (spec §2.2, V1)
 LR_RANGE = (1e-4, 1.0)
@@ -54,8 +57,11 @@ def select_best(trials: list[dict], *, key: str = "val_top1") -> dict:
         raise ValueError(f"trials are selected on a val number, not {key!r}")
     ok = [t for t in trials if t.get("status") == "ok"]
     if not ok:
-        errors = "; ".join(f"trial {t['trial']}: {t.get('error')}" for t in trials)
-        raise RuntimeError(f"no search trial finished ({errors or 'no trials'})")
+        first = f"trial {trials[0].get('trial')}: {trials[0].get('error')}" if trials else "no trials"
+        raise SearchFailedError(
+            f"every one of the {len(trials)} search trials failed, so there is nothing to choose ({first}); "
+            "a lower lr_range, fewer epochs of a diverging schedule or clipping may help; each trial's error is "
+            "in its run folder and in search.json")
     return max(ok, key=lambda t: (t[key], -t["trial"]))
 
 
@@ -77,32 +83,38 @@ def search_edges(trials: list[dict], chosen: dict) -> list[str]:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write JSON atomically: a temporary file in the same directory, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (:func:`bissl_kit.files.write_atomic`)."""
+    return write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def _attempt(cfg: FinetuneConfig, data: DownstreamData | None) -> dict:
-    """Run one fine-tuning to its end; a failure becomes a record instead of an exception."""
+def _attempt(cfg: FinetuneConfig, data: DownstreamData | None, before: dict | None = None) -> dict:
+    """Run one fine-tuning to its end; a failure of the run itself (a diverging loss) becomes a record
+    instead of an exception. ``before``: the run's record from an earlier pass of the search; a run that
+    had finished must read back as finished, never become a failed trial."""
     try:
         return {"status": "ok", **finetune(cfg, data=data)}
-    except (ConfigError, RunConflictError):
-        raise  # the user's input, not the trial's luck: every other trial would hit it too
+    except (ConfigError, CheckpointError):
+        # the user's input or a damaged file, not the trial's luck: every other trial would hit it too, and
+        # a finished run must not be re-classified by it (CheckpointError covers RunConflictError)
+        raise
     except Exception as e:  # noqa: BLE001 - one failed run must not lose the others (KeyboardInterrupt passes)
+        if before is not None and before.get("status") == "ok":
+            raise SearchFailedError(f"the run {cfg.out_dir!r} had finished (search.json records it) but cannot be "
+                                    f"read back now ({type(e).__name__}: {e}); the search stops rather than count "
+                                    "it as failed: restore or delete that folder") from e
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def _earlier(path: Path) -> dict:
+    """The trials and seed runs an earlier pass of the search recorded (by trial index and seed)."""
+    if not path.exists():
+        return {"trials": {}, "seeds": {}}
+    try:
+        saved = json.loads(path.read_text())
+        return {"trials": {t["trial"]: t for t in saved["trials"]}, "seeds": {r["seed"]: r for r in saved["seeds"]}}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SearchFailedError(f"{str(path)!r} is damaged ({type(e).__name__}: {e}); the runs themselves are intact: "
+                                "delete the file and run the search again to rebuild it from them") from None
 
 
 def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, seeds: int, out_dir: str | Path,
@@ -114,13 +126,15 @@ def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, s
     out = Path(out_dir)
     state = {"base": base.to_dict(), "candidates": [list(c) for c in candidates], "trials": [], "chosen": None,
              "seeds": []}
+    earlier = _earlier(out / "search.json")
 
     def trial_dir(i):
         return out / f"trial_{i:02d}"
 
     for i, (lr, wd) in enumerate(candidates):
         cfg = base.replace(lr=lr, weight_decay=wd, test=False, progress=False, out_dir=str(trial_dir(i)))
-        rec = {"trial": i, "lr": lr, "weight_decay": wd, "run": str(trial_dir(i)), **_attempt(cfg, data)}
+        rec = {"trial": i, "lr": lr, "weight_decay": wd, "run": str(trial_dir(i)),
+               **_attempt(cfg, data, earlier["trials"].get(i))}
         rec = {k: v for k, v in rec.items() if not k.startswith("test") and k != "n_test"}  # val numbers only
         state["trials"].append(rec)
         write_json(out / "search.json", state)
@@ -136,7 +150,7 @@ def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, s
         run = Path(chosen["run"]) if seed == base.seed else out / f"seed_{seed}"
         cfg = base.replace(lr=chosen["lr"], weight_decay=chosen["weight_decay"], seed=seed, test=True,
                            progress=False, out_dir=str(run))
-        rec = {"seed": seed, "run": str(run), **_attempt(cfg, data)}
+        rec = {"seed": seed, "run": str(run), **_attempt(cfg, data, earlier["seeds"].get(seed))}
         state["seeds"].append(rec)
         write_json(out / "search.json", state)
         if on_run is not None:

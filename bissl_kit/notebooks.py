@@ -26,10 +26,11 @@ import os
 import sys
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, param
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -56,6 +57,24 @@ QUICK: dict[str, dict[str, Any]] = {
 }
 
 
+def _folder(name: str, value: str) -> None:
+    from .files import check_folder
+    check_folder(name, value)
+
+
+@dataclass(frozen=True)
+class NotebookOptions(Config):
+    """The notebooks' own parameters (not config fields), validated like config fields: a notebook run
+    with ``-r live False`` (the string) or an unusable ``figures_dir`` stops before any training."""
+
+    live: bool = param(True, "live widgets in JupyterLab; False draws static figures once (headless runs)")
+    paper_mode: bool = param(False, "notebook 02: the official algorithm (PAPER_MODE) instead of ours")
+    figures_dir: str = param("../runs/figures", "where the figures are exported (a folder, made if missing)",
+                             check=_folder)
+    committed_results: str = param("../results/comparison.json", "notebook 05: the committed comparison shown last")
+    committed_figure: str = param("../figures/05_comparison.png", "notebook 05: the committed comparison's figure")
+
+
 class NotebookParameters:
     """Remembers the names defined before the parameters cell; builds a config from those after."""
 
@@ -69,16 +88,32 @@ class NotebookParameters:
         for name, value in self._namespace.items():
             if name in self._before or name.startswith("_") or value is self:
                 continue
-            if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            # modules, functions, classes and the configs the notebook builds from the parameters are not parameters
+            if isinstance(value, (types.ModuleType, types.FunctionType, type, Config)):
                 continue
             out[name] = value
         return out
 
-    def config(self, cls: type[Config], *, extras: tuple[str, ...] = ()) -> Config:
-        """``cls`` built from the parameters; names that are neither fields nor ``extras`` are an error."""
+    def options(self, *names: str) -> NotebookOptions:
+        """The notebook-only parameters ``names`` (fields of :class:`NotebookOptions`), validated."""
+        unknown = [n for n in names if n not in NotebookOptions.field_names()]
+        if unknown:
+            raise TypeError(f"not notebook options: {unknown}")
         values = self.values()
-        for name in extras:
-            values.pop(name, None)
+        try:
+            return NotebookOptions.from_dict({n: values[n] for n in names if n in values})
+        except ConfigError as e:
+            raise ConfigError(f"notebook parameters: {e}") from None
+
+    def fields(self, *extras: str) -> dict[str, Any]:
+        """The parameters that are not the notebook options ``extras``: the config's fields."""
+        self.options(*extras)
+        return {k: v for k, v in self.values().items() if k not in extras}
+
+    def config(self, cls: type[Config], *, extras: tuple[str, ...] = ()) -> Config:
+        """``cls`` built from the parameters, the notebook options ``extras`` validated too; names that are
+        neither fields nor ``extras`` are an error."""
+        values = self.fields(*extras)
         try:
             return cls.from_dict(values)
         except ConfigError as e:

@@ -28,7 +28,7 @@ from . import data as data_mod
 from . import distributed
 from .augment import simclr_specs, two_views
 from .backbones import check_recipe, recipe_of
-from .checkpoint import CheckpointError, content_signature, load_checkpoint
+from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
 from .evaluate import evaluate_frozen
 from .models import ARCHS, build_backbone
@@ -189,7 +189,7 @@ def load_pretrained(path: str | Path, *, map_location="cpu"):
     ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND)
     cfg = PretrainConfig.from_saved(ckpt["config"])
     model = build_model(cfg, ckpt["backbone"]["in_channels"])
-    model.load_state_dict(pretext_state(ckpt))
+    load_state(model, pretext_state(ckpt), where=str(path))
     return model.to(map_location), cfg
 
 
@@ -208,9 +208,10 @@ class Pretrainer:
         if self.init is not None:
             lineage["init"] = {k: self.init[k] for k in ("checkpoint", "signature", "step")}
         # rank 0 alone locks the folder, logs and writes checkpoints; every rank resumes from them
-        self.run_dir = RunDir(self.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
+        self.run_dir = RunDir(cfg.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
         self.log = self.run_dir.log
         self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
+        self.run_dir.identity["pretext_data"] = data_mod.fingerprint(self.images)
         if cfg.batch_size > len(self.images):
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
                               f"({len(self.images)} images)")
@@ -230,7 +231,7 @@ class Pretrainer:
         self.model = build_model(cfg, channels)
         if self.init is not None:
             check_recipe(self.init["backbone"], recipe_of(self.model.backbone), where=cfg.init_checkpoint)
-            self.model.load_state_dict(self.init["model"])
+            load_state(self.model, self.init["model"], where=cfg.init_checkpoint)
             if hasattr(self.model, "reset_target"):
                 self.model.reset_target()  # BYOL: the target restarts from the online weights, as in BiSSL
         self.model.to(self.device)
@@ -287,7 +288,7 @@ class Pretrainer:
         ckpt = self.run_dir.resume(lambda ck: lambda r: r["step"] <= ck["step"], recipe=recipe_of(self.model.backbone))
         if ckpt is None:
             return
-        self.model.load_state_dict(pretext_state(ckpt))
+        load_state(self.model, pretext_state(ckpt), where=str(self.checkpoint_path))
         self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
         self.step = ckpt["step"]
 

@@ -13,7 +13,9 @@ Every stage writes into a folder of its own (its config's ``out_dir``):
 A folder resumes only the run it holds: the saved config must equal the new one in every field that is
 not ``resumable`` (:meth:`bissl_kit.config.Config.identity`), and the inputs recorded as the run's
 ``identity`` (e.g. the content signature of the checkpoint it started from) must match; anything else
-is a :class:`~bissl_kit.checkpoint.RunConflictError` that names the fields. :meth:`RunDir.fork` starts a
+is a :class:`~bissl_kit.checkpoint.RunConflictError` that names the fields. Inputs are compared by
+content (a checkpoint's content signature, a fingerprint of the data), so a moved file resumes and
+another one does not. :meth:`RunDir.fork` starts a
 new folder from a run's current state under a changed config, recording the parent and the step it
 branched at, so that every stage's numbers keep the config that produced them.
 """
@@ -34,6 +36,7 @@ from typing import Callable
 from . import distributed
 from .checkpoint import STEP_UNITS, RunConflictError, load_checkpoint, save_checkpoint
 from .config import Config
+from .files import check_folder, write_text_atomic
 
 KIND_NAMES = {"pretrain": "pre-training", "bissl": "BiSSL", "finetune": "fine-tuning", "compare": "comparison"}
 
@@ -215,19 +218,10 @@ class MetricsLog:
             if key not in seen:
                 seen.add(key)
                 kept.append(r)
-        _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def config_conflicts(saved: dict, now: dict, ignore: frozenset[str]) -> list[str]:
@@ -246,8 +240,8 @@ class RunDir:
     every rank reads the checkpoint to resume."""
 
     def __init__(self, folder: str | os.PathLike, kind: str, cfg: Config, *, identity: dict | None = None,
-                 lineage: dict | None = None):
-        self.path = Path(folder)
+                 lineage: dict | None = None, field: str = "out_dir"):
+        self.path = check_folder(field, folder)
         self.kind, self.cfg = kind, cfg
         self.identity = identity or {}   # the inputs the numbers depend on besides the config
         self.lineage = dict(lineage or {})
@@ -287,9 +281,9 @@ class RunDir:
         conflicts = config_conflicts(saved.identity(), self.cfg.identity(), frozenset())
         saved_identity = ckpt["lineage"].get("identity", {})
         # the inputs named by a config field (a checkpoint path): compared by content, so a moved file resumes
-        conflicts += [f"{k}: {getattr(self.cfg, k, None)!r} is not the file this run started from "
-                      f"({getattr(saved, k, None)!r}): their contents differ" for k, v in self.identity.items()
-                      if saved_identity.get(k) != v]
+        # (an input a run saved before it was recorded cannot be checked, and is taken as it is)
+        conflicts += [self._identity_conflict(k, saved) for k, v in self.identity.items()
+                      if k in saved_identity and saved_identity[k] != v]
         if conflicts:
             raise RunConflictError(
                 f"{str(self.path)!r} holds a {KIND_NAMES[self.kind]} run with another config "
@@ -299,12 +293,18 @@ class RunDir:
         self.log.repair(keep(ckpt))
         return ckpt
 
+    def _identity_conflict(self, key: str, saved) -> str:
+        if key in self.cfg.field_names():  # a checkpoint named by a field
+            return (f"{key}: {getattr(self.cfg, key)!r} is not the file this run started from "
+                    f"({getattr(saved, key, None)!r}): their contents differ")
+        return f"{key}: the data differ from the data this run was trained on (another file, root or version)"
+
     def save(self, *, step: int, backbone: dict, backbones: dict, state: dict) -> Path | None:
         """Write config.json and the checkpoint (rank 0; None elsewhere)."""
         if not self.main:
             return None
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.path / "config.json", self.cfg.to_json() + "\n")
+        write_text_atomic(self.path / "config.json", self.cfg.to_json() + "\n")
         lineage = {**self.lineage, "identity": self.identity}
         return save_checkpoint(self.checkpoint_path, {"kind": self.kind, "config": self.cfg.to_dict(), "step": step,
                                                       "backbone": backbone, "backbones": backbones,

@@ -58,10 +58,8 @@ live = True                 # live dashboard in JupyterLab; headless runs set it
 figures_dir = "../runs/figures"  # git ignores runs/; `make figures` writes the committed ../figures
 
 # %%
-values = params.values()
-for name in ("paper_mode", "live", "figures_dir"):
-    values.pop(name)
-cfg = BisslConfig.embedded(paper_mode=paper_mode, **values)
+options = params.options("paper_mode", "live", "figures_dir")  # validated like config fields
+cfg = BisslConfig.embedded(paper_mode=options.paper_mode, **params.fields("paper_mode", "live", "figures_dir"))
 print(cfg.to_json())
 
 # %% [markdown]

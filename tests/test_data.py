@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import re
+
 import pytest
 import torch
 import torchvision.datasets
@@ -185,17 +187,26 @@ def test_fashion_mnist_downstream_splits(fmnist_root):
 
 
 @needs_debian
-def test_roots_are_searched_in_order(tmp_path, monkeypatch, fmnist_root):
+def test_roots_are_searched_in_order_and_a_named_root_must_exist(tmp_path, monkeypatch, fmnist_root):
     empty = tmp_path / "empty"
+    empty.mkdir()
     # An explicit root without the files falls through to the search list.
     assert data.find_fashion_mnist(empty, search=[fmnist_root], debian_dir=None, download=False) == fmnist_root
     # $BISSL_DATA stands in for root.
     monkeypatch.setenv("BISSL_DATA", str(fmnist_root))
     assert data.find_fashion_mnist(search=[], debian_dir=None, download=False) == fmnist_root
+    # a root the user names must exist; one without the data gives way to the next root with a warning
+    with pytest.warns(RuntimeWarning, match="Fashion-MNIST is not in the data root .*empty' you named; using the copy"):
+        data.find_fashion_mnist(empty, search=[fmnist_root], debian_dir=None, download=False)
+    for name, value in (("data_root", tmp_path / "nope"), ("$BISSL_DATA", tmp_path / "nope")):
+        monkeypatch.setenv("BISSL_DATA", str(value))
+        with pytest.raises(DataNotFoundError, match=rf"{re.escape(name)}=.*nope' does not exist"):
+            data.data_roots(root=value if name == "data_root" else None)
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     empty = tmp_path / "empty"
+    empty.mkdir()
     for call in (data.find_fashion_mnist, data.prepare_fashion_mnist):
         with pytest.raises(DataNotFoundError) as err:
             call(root=empty, search=[], debian_dir=tmp_path / "no-debian", download=False)
@@ -203,7 +214,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
         for needle in (str(empty / "FashionMNIST" / "raw"), "apt-get install dataset-fashion-mnist",
                        "--allow-apt", "BISSL_DATA", "train-images-idx3-ubyte", "download"):
             assert needle in msg
-    assert not empty.exists()  # looking must not create directories
+    assert not any(empty.iterdir())  # looking must not create directories
 
 
 @needs_debian

@@ -360,7 +360,7 @@ CASES = [
          ConfigError, ("lower_batch_size=100000 is larger than", "lower_batch_size must be <= 60000")),
     Case("data-labels-per-class-too-many",
          lambda ws, tmp: lambda: build_trainer(ws.bissl_cfg(labels_per_class=200)),
-         ValueError, ("labels_per_class=200 on digits train", "asked for 200 per class", "has only")),
+         ConfigError, ("labels_per_class=200 is too large", "digits train: asked for 200 per class", "has only")),
     # -- checkpoints
     Case("ckpt-bissl-as-pretrain", lambda ws, tmp: lambda: build_trainer(ws.bissl_cfg(pretrain_checkpoint=str(ws.bissl))),
          CheckpointError, ("pretrain_checkpoint=", "holds a 'bissl' checkpoint, expected 'pretrain'")),

@@ -73,7 +73,7 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
     # the run depends on the content of the pre-training checkpoint, not on where it lies
     signature = content_signature(cfg.pretrain_checkpoint)
     trainer = BisslTrainer(cfg, lower.to(device), upper.to(device), head.to(device), data, device=device,
-                           out_dir=cfg.out_dir, identity={"pretrain_checkpoint": signature},
+                           out_dir=cfg.out_dir, identity={"pretrain_checkpoint": signature, **data.identity},
                            lineage={"pretrain_config": pre_cfg.to_dict(),
                                     "init": {"checkpoint": str(cfg.pretrain_checkpoint), "signature": signature}})
     if resume:

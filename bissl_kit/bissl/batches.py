@@ -10,7 +10,7 @@ downstream batches of the embedded or paper data.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -92,6 +92,7 @@ class BilevelData:
     downstream_batch: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]]
     val: tuple[torch.Tensor, torch.Tensor] | None = None
     num_classes: int | None = None
+    identity: dict = field(default_factory=dict)  # fingerprints of the data, checked when a run resumes
 
 
 def upper_steps_per_stage(upper_steps: int, batches: int, rule: str) -> int:
@@ -131,6 +132,8 @@ def build_data(cfg: BisslConfig, pre_cfg, device: torch.device) -> BilevelData:
         x = augment(train.images[idx].to(device), down_spec, generator(cfg.seed, "bissl-down", *tag))
         return x, train.labels[idx].to(device)
 
+    identity = {"pretext_data": data_mod.fingerprint(images),
+                "downstream_data": data_mod.fingerprint(train.images, train.labels, val.images, val.labels)}
     return BilevelData(len(images), len(train.labels), pretext_views, downstream_batch,
                        val=(normalize(val.images.to(device), mean, std), val.labels.to(device)),
-                       num_classes=train.num_classes)
+                       num_classes=train.num_classes, identity=identity)

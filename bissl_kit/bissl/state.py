@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..backbones import recipe_of
+from ..checkpoint import load_state
 from ..config import ConfigError
 from .config import BisslConfig
 
@@ -26,9 +27,11 @@ class StageState:
                 "last_pretext_grad": self.last_pretext_grad, "history": self.history}
 
     def load_state(self, backbones: dict, s: dict) -> None:
-        self.lower.load_state_dict({**{"backbone." + k: v for k, v in backbones["lower"].items()}, **s["lower_rest"]})
-        self.upper.load_state_dict(backbones["upper"])
-        self.head.load_state_dict(s["head"])
+        where = str(self.checkpoint_path)
+        load_state(self.lower, {**{"backbone." + k: v for k, v in backbones["lower"].items()}, **s["lower_rest"]},
+                   where=where, what="lower model")
+        load_state(self.upper, backbones["upper"], where=where, what="upper backbone")
+        load_state(self.head, s["head"], where=where, what="head")
         self.lower_opt.load_state_dict(s["lower_opt"])
         self.upper_opt.load_state_dict(s["upper_opt"])
         self.lower_it.load(s["lower_it"])

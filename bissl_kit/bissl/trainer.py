@@ -44,7 +44,7 @@ class BisslTrainer(StageState):
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # the run folder (None: an in-memory run); under torchrun rank 0 alone locks, logs and writes
-        self.run_dir = (RunDir(self.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
+        self.run_dir = (RunDir(out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
                         if self.out_dir is not None else None)
         self.log = self.run_dir.log if self.run_dir is not None and distributed.is_main() else None
         self._distributed_setup()

@@ -48,14 +48,14 @@ from __future__ import annotations
 from .batches import iterate_batches
 from .fashion_mnist import (DEBIAN_DIR, DEBIAN_PACKAGE, FMNIST_FILES, FMNIST_SIZES, find_fashion_mnist,
                             prepare_fashion_mnist)
-from .readers import MIN_IMAGE_SIZE, Split, load_downstream, load_pretext
+from .readers import MIN_IMAGE_SIZE, Split, fingerprint, load_downstream, load_pretext
 from .registry import (PRETEXT_DATASETS, REPO_ROOT, SPLITS, DataCorruptError, DataNotFoundError, DatasetInfo,
                        DATASETS, data_roots)
 from .splits import CALTECH_TRAINVAL_PER_CLASS, DIGITS_TEST_FRACTION, SPLIT_SEED, VAL_FRACTION
 
 __all__ = [
     "DATASETS", "PRETEXT_DATASETS", "SPLITS", "DatasetInfo", "DataNotFoundError", "DataCorruptError",
-    "data_roots", "find_fashion_mnist", "prepare_fashion_mnist", "load_pretext", "load_downstream", "Split",
+    "data_roots", "find_fashion_mnist", "prepare_fashion_mnist", "load_pretext", "load_downstream", "Split", "fingerprint",
     "iterate_batches",
     "REPO_ROOT", "DEBIAN_DIR", "DEBIAN_PACKAGE", "FMNIST_FILES", "FMNIST_SIZES", "MIN_IMAGE_SIZE",
     "SPLIT_SEED", "VAL_FRACTION", "DIGITS_TEST_FRACTION", "CALTECH_TRAINVAL_PER_CLASS",

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .. import data as package
 from .fashion_mnist import DEBIAN_PACKAGE, _read_fashion_mnist, prepare_fashion_mnist
@@ -22,6 +24,9 @@ def main(argv=None) -> int:
                            "(only when running as root and apt-get exists).")
     prep.add_argument("--no-download", action="store_true", help="Do not try a torchvision download.")
     args = parser.parse_args(argv)
+    target = args.root if args.root is not None else os.environ.get("BISSL_DATA") or None
+    if target is not None:  # the folder prepare is asked to fill may be new
+        Path(target).expanduser().mkdir(parents=True, exist_ok=True)
     try:
         found = prepare_fashion_mnist(allow_apt=args.allow_apt, root=args.root, download=not args.no_download)
         _read_fashion_mnist(found, train=False)  # cheap check that the files are readable

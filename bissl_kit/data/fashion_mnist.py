@@ -8,12 +8,12 @@ import gzip
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .registry import DataCorruptError, DataNotFoundError, data_roots
+from ..files import write_atomic
+from .registry import DataCorruptError, DataNotFoundError, data_roots, found_elsewhere
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `dpkg -L dataset-fashion-mnist` puts the .gz files
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -30,16 +30,11 @@ def _gunzip_into(src_dir: Path, dest_dir: Path) -> None:
     """Unpack the four Debian .gz files into torchvision's layout (its reader wants them unpacked)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     for name in FMNIST_FILES:
-        # Write under a temporary name, then rename: an interrupted run must not leave a truncated
-        # file that the next search would take for the real one.
-        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.")
-        try:
-            with gzip.open(src_dir / f"{name}.gz", "rb") as fin, os.fdopen(fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout, length=1 << 20)
-            os.replace(tmp, dest_dir / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # atomically: an interrupted run must not leave a truncated file that the next search would
+        # take for the real one
+        with gzip.open(src_dir / f"{name}.gz", "rb") as fin:
+            write_atomic(dest_dir / name, lambda fout, fin=fin: shutil.copyfileobj(fin, fout, length=1 << 20),
+                         binary=True)
 
 
 def find_fashion_mnist(root=None, *, search=None, debian_dir=DEBIAN_DIR, download=True) -> Path:
@@ -53,6 +48,7 @@ def find_fashion_mnist(root=None, *, search=None, debian_dir=DEBIAN_DIR, downloa
     roots = data_roots(root, search)
     for r in roots:
         if _has_fashion_mnist(r):
+            found_elsewhere("Fashion-MNIST", r, roots, root if root is not None else os.environ.get("BISSL_DATA"))
             return r
     tried = [f"{r / 'FashionMNIST' / 'raw'}: not there" for r in roots]
     target = roots[0] if roots else None

@@ -3,6 +3,9 @@ the public loaders :func:`load_pretext` and :func:`load_downstream`."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .fashion_mnist import _read_fashion_mnist, find_fashion_mnist
-from .registry import (SPLITS, DataCorruptError, DataNotFoundError, DatasetInfo, PRETEXT_DATASETS, _info,
+from ..config import ConfigError
+from .registry import (SPLITS, found_elsewhere, DataCorruptError, DataNotFoundError, DatasetInfo, PRETEXT_DATASETS, _info,
                        data_roots)
 from .splits import _caltech_split, _carve, _digits_split, _take_per_class
 
@@ -21,6 +25,17 @@ def _check_image_size(image_size) -> int:
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} (got {image_size!r})")
     return image_size
+
+
+def fingerprint(*tensors: torch.Tensor, text: str = "") -> str:
+    """A short hash of tensors' contents: the identity of the data a run resumes with (another file, root or
+    version of a dataset gives another fingerprint; a moved one does not)."""
+    h = hashlib.blake2b(text.encode(), digest_size=12)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass(eq=False)
@@ -64,6 +79,12 @@ class Split(Dataset):
         images = torch.stack([self[i][0] for i in range(len(self))])
         return Split(self.name, self.split, self.labels, self.num_classes, images=images, indices=self.indices)
 
+    def fingerprint(self) -> str:
+        """What a run trained on this split depends on: its images and labels in memory, else (lazy) the
+        source items it takes; see :func:`fingerprint`."""
+        return fingerprint(self.images, self.labels) if self.in_memory else \
+            fingerprint(self.labels, torch.as_tensor(self.indices), text=f"{self.name}/{self.split}")
+
     def __repr__(self) -> str:
         shape = tuple(self.images.shape[1:]) if self.in_memory else "lazy"
         return f"Split({self.name!r}, {self.split!r}, n={len(self)}, classes={self.num_classes}, images={shape})"
@@ -97,6 +118,8 @@ def _open_paper(info: DatasetInfo, kwargs: dict, root, search, image_size: int, 
     cls = getattr(torchvision.datasets, info.reader)
     roots = data_roots(root, search)
     found = next((r for r in roots if (r / info.folder).is_dir()), None)
+    if found is not None:
+        found_elsewhere(info.name, found, roots, root if root is not None else os.environ.get("BISSL_DATA"))
     if found is None:
         why = "download=False"
         if download and roots:
@@ -172,8 +195,11 @@ def load_downstream(name, split, *, root=None, image_size=None, labels_per_class
             idx = _carve(all_labels, split)
 
     if split == "train" and labels_per_class is not None:
-        idx = idx[_take_per_class(all_labels[idx], labels_per_class, seed,
-                                  f"labels_per_class={labels_per_class} on {name} train")]
+        try:
+            idx = idx[_take_per_class(all_labels[idx], labels_per_class, seed, f"{name} train")]
+        except ValueError as e:  # a few-label split larger than a class: the user's setting
+            raise ConfigError(f"labels_per_class={labels_per_class} is too large: {e}; labels_per_class must be "
+                              f"<= the smallest class") from None
     labels = torch.from_numpy(all_labels[idx].copy())
     if images is not None:
         return Split(name, split, labels, info.num_classes, images=_resize(images[torch.from_numpy(idx)], image_size),

@@ -102,8 +102,18 @@ def _info(name: str) -> DatasetInfo:
 
 def data_roots(root=None, search=None) -> list[Path]:
     """The directories looked in, in order: ``root`` (else ``$BISSL_DATA``), then ``search``
-    (default: ``<repo>/data``, ``./data``). The first one is where downloads and unpacked files go."""
+    (default: ``<repo>/data``, ``./data``). The first one is where downloads and unpacked files go.
+
+    A root the user names (``data_root``, ``$BISSL_DATA``) must be a folder; a dataset it lacks is taken
+    from the next root with a warning (:func:`found_elsewhere`), never silently."""
     first = root if root is not None else (os.environ.get("BISSL_DATA") or None)
+    if first is not None:
+        if not Path(first).expanduser().is_dir():
+            what = "data_root" if root is not None else "$BISSL_DATA"
+            state = "is not a folder" if Path(first).expanduser().exists() else "does not exist"
+            raise DataNotFoundError(f"{what}={str(first)!r} {state}; point it at the folder that holds the datasets "
+                                    f"(or leave it unset to search <repo>/data and ./data)")
+
     rest = [REPO_ROOT / "data", Path.cwd() / "data"] if search is None else list(search)
     out: list[Path] = []
     for p in ([first] if first is not None else []) + rest:
@@ -111,3 +121,13 @@ def data_roots(root=None, search=None) -> list[Path]:
         if p not in out:
             out.append(p)
     return out
+
+
+def found_elsewhere(name: str, found: Path, roots: list[Path], named) -> None:
+    """Warn when a dataset was found in another root than the one the user named (``named``: the
+    ``data_root`` given, else ``$BISSL_DATA``, else None)."""
+    if named is None or found == roots[0]:
+        return
+    import warnings
+    warnings.warn(f"{name} is not in the data root {str(roots[0])!r} you named; using the copy in {str(found)!r}",
+                  RuntimeWarning, stacklevel=3)

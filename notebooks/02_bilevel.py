@@ -36,7 +36,7 @@
 # %%
 from bissl_kit.notebooks import NotebookParameters
 from bissl_kit.bissl import BisslConfig, build_trainer
-from bissl_kit.dashboard import BisslDashboard, controls
+from bissl_kit.viz.bilevel import BisslDashboard, controls
 
 params = NotebookParameters(globals())
 
@@ -86,7 +86,7 @@ dashboard.finish("02_bilevel_dashboard", figures_dir)
 # mean losses and the distance between the backbones. Val only: the test split is for notebook 05.
 
 # %%
-from bissl_kit.plots import markdown_table
+from bissl_kit.viz.tables import markdown_table
 columns = ["stage", "val_top1", "val_top5", "pretext_loss", "implicit_loss", "classic_loss", "distance", "seconds"]
 markdown_table(trainer.history, columns, formats={c: ".4g" for c in columns[1:]})
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from bissl_kit import dashboard
+from bissl_kit.viz import bilevel as dashboard
 from bissl_kit.notebooks import NOTEBOOKS, QUICK, REPO
 
 from browser_helpers import VIEWPORT, alive, chromium, descendants, find_chromium, jupyter_lab, kill_all, with_parameters
@@ -200,7 +200,7 @@ def wait_for_points(page, expected: dict[int, int], timeout_s: float = 20) -> No
         page.wait_for_function(js, arg={str(k): v for k, v in expected.items()}, timeout=timeout_s * 1000, polling=200)
     except Exception:
         seen = page.evaluate("() => document.querySelector('.js-plotly-plot')?.data?.map(t => (t.x || []).length)")
-        hint = (" — the widget was drawn from an empty figure (see bissl_kit.plots.figure_widget_class)"
+        hint = (" — the widget was drawn from an empty figure (see bissl_kit.viz.figures.figure_widget_class)"
                 if seen == [] else " — updates sent by the kernel did not reach the plot")
         raise AssertionError(f"the plot holds {seen} points per trace; expected {expected} (trace index: points)"
                              + hint) from None
@@ -280,7 +280,7 @@ def explorer_state(page) -> dict:
 
 
 def test_04_feature_explorer_stage_switch_redraws_the_plot_in_place(runs, lab, page):
-    from bissl_kit.features import StageExplorer
+    from bissl_kit.viz.features import StageExplorer
     runs = runs.result()
     with_parameters(NOTEBOOKS / "04_features_umap.ipynb", lab.root / "04_features_umap.ipynb",
                     {**QUICK["04_features_umap"], "runs_dir": str(runs), "figures_dir": str(lab.root / "figures"),
@@ -301,9 +301,9 @@ def test_04_feature_explorer_stage_switch_redraws_the_plot_in_place(runs, lab, p
     before = explorer_state(page)
     assert before["points"] > 0 and before["title"], (
         f"the explorer's plot is empty ({before}): drawn from an empty figure, the FigureWidget race that "
-        "bissl_kit.plots.figure_widget_class avoids")
-    # the class colours are the static panels' (features.class_colour), not plotly's default palette
-    from bissl_kit.features import PALETTE
+        "bissl_kit.viz.figures.figure_widget_class avoids")
+    # the class colours are the static panels' (viz.features.class_colour), not plotly's default palette
+    from bissl_kit.viz.features import PALETTE
     assert before["colours"][:3] == list(PALETTE[:3]), before["colours"]
 
     # every other stage: the same plot (no new output) takes that stage's title and coordinates

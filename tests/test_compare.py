@@ -12,8 +12,8 @@ from scipy import stats
 
 from bissl_kit.checkpoint import CheckpointError, load_checkpoint
 from bissl_kit.backbones import load_backbone
-from bissl_kit.compare import (ARM_LABELS, CompareConfig, check_bissl_run, comparison_table, matched_config,
-                               parse_task, run_comparison, run_matched)
+from bissl_kit.compare import CompareConfig, check_bissl_run, matched_config, parse_task, run_comparison, run_matched
+from bissl_kit.reports import ARM_LABELS, comparison_table
 from bissl_kit.stats import mean_ci, paired_ttest
 from bissl_kit.config import ConfigError
 from bissl_kit.finetune import FinetuneConfig, describe_source, load_data

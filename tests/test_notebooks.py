@@ -175,7 +175,7 @@ def test_02_bilevel_in_paper_mode(pretrained, tmp_path):
 
 
 def test_dashboard_builds_headless_and_accepts_every_record_kind():
-    from bissl_kit.dashboard import BisslDashboard
+    from bissl_kit.viz.bilevel import BisslDashboard
     d = BisslDashboard(live=False, layer_names=["stem", "layer1.0"], lower_steps=2, upper_steps=1)
     d.update({"kind": "lower", "stage": 1, "step": 1, "pretext_loss": 5.0})
     d.update({"kind": "upper", "stage": 1, "step": 1, "implicit_loss": 2.0, "classic_loss": 2.1,

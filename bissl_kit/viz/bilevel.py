@@ -26,7 +26,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .plots import LiveFigure
+from .figures import LiveFigure
 
 LAYER_COLORSCALE = "RdBu"
 RESIDUAL_HISTORY = 8  # solves drawn in the residual panel (the latest ones)
@@ -161,7 +161,7 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
     n.observe(label, "value")
 
     def on_click(_):
-        from .config import ConfigError
+        from ..config import ConfigError
         values = {k: wd.value for k, wd in fields.items()}
         target = trainer.stage + n.value
         try:

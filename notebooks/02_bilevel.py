@@ -93,12 +93,17 @@ markdown_table(trainer.history, columns, formats={c: ".4g" for c in columns[1:]}
 # %% [markdown]
 # ## Explore
 #
-# Change the bilevel knobs and run more stages; the dashboard above keeps growing. A value out of range is
-# refused with the allowed range and nothing is run.
+# Change the bilevel knobs and run more stages; the dashboard above keeps growing. A changed knob **forks**
+# the run: `out_dir` keeps the stages run so far with the config that produced them (so this notebook, run
+# again, resumes it), and the run goes on in `<out_dir>-fork1`, whose checkpoint records the folder and the
+# stage it branched from; the status line says where the run now lives, and a dashed line marks the fork.
+# With no knob changed, more stages continue in place. A value out of range is refused with the allowed
+# range and nothing is run.
 
 # %%
 controls(trainer, dashboard) if live else print("headless run: controls are shown only with live=True")
 
 # %% [markdown]
 # The lower backbone θ_P is saved in `runs/bissl/checkpoint.pt` after every stage (atomically; a
-# stopped run resumes from the last finished stage). Next: **03 · fine-tuning**.
+# stopped run resumes from the last finished stage), and a fork's in its own folder: notebook 03 fine-tunes
+# whichever `backbone_checkpoint` names. Next: **03 · fine-tuning**.

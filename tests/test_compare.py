@@ -253,6 +253,16 @@ def test_comparison_end_to_end(sources, tmp_path):
     assert table.count(" † |") == 3 and "† chosen at the edge of the search" in table
 
 
+def test_the_comparison_figure_is_exported_by_its_caller_where_figures_dir_says(tmp_path):
+    """run_comparison writes text only; the command line exports the figure through export_comparison."""
+    from bissl_kit.reports import load_results
+    from bissl_kit.viz.compare import export_comparison
+    results = load_results(Path(__file__).parents[1] / "results" / "comparison.json")
+    assert export_comparison(results, CompareConfig(figures_dir=None)) == {}
+    paths = export_comparison(results, CompareConfig(figures_dir=str(tmp_path / "fig"), figure_stem="cmp"))
+    assert paths["html"] == tmp_path / "fig" / "cmp.html" and paths["html"].stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_05_results_notebook_runs_headless(sources, tmp_path, monkeypatch):
     from bissl_kit.notebooks import QUICK, execute

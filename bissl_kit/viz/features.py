@@ -21,6 +21,8 @@ from .figures import figure_widget_class
 
 COLOURINGS = ("class", "knn", "silhouette")
 
+# plotly's default colours, named per class so that a class keeps its colour in every panel and in the
+# explorer, whatever other traces a figure holds (plotly's own cycle goes by trace order)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 

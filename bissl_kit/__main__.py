@@ -221,11 +221,16 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
             print(f"test top-1 {res['test_top1']:.2%}, top-5 {res['test_top5']:.2%} ({res['test_protocol']})")
         print(f"done: {cfg.out_dir}/checkpoint.pt")
     elif args.stage == "compare":
-        from .compare import comparison_table, run_comparison
+        from .compare import run_comparison
+        from .reports import comparison_table
         command = shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
         results = run_comparison(cfg, command=command)
         print(comparison_table(results))
         print(f"done in {results['seconds']:.0f} s: {cfg.results_dir or cfg.out_dir}/comparison.{{json,csv,md}}")
+        if cfg.figures_dir is not None:  # the comparison writes text; its figure needs plotly, imported here only
+            from .viz.compare import export_comparison
+            figure = export_comparison(results, cfg)
+            print(f"figure: {', '.join(str(p) for p in figure.values())}")
     return 0
 
 

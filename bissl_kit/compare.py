@@ -19,14 +19,13 @@ t-interval (n = number of seeds), the chosen (lr, wd), and the weighted k-NN and
 the frozen backbone (train → test). Between arms: a two-sided **paired** t-test over seeds (seed s of
 both arms shares the head initialisation, batch order and augmentations) with the 95 % t-interval of the
 mean difference. Results go to ``results_dir`` as ``comparison.json`` (everything, with the command),
-``comparison.csv`` (one row per run) and ``comparison.md`` (the README's table).
+``comparison.csv`` (one row per run) and ``comparison.md`` (the README's table), written by
+:mod:`bissl_kit.reports`; the figure is drawn by :mod:`bissl_kit.viz.compare`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import time
@@ -41,14 +40,14 @@ from .backbones import load_backbone
 from .checkpoint import CheckpointError, content_signature, load_checkpoint
 from .config import Config, ConfigError, device_param, param
 from .finetune import FinetuneConfig, describe_source, frozen_metrics, load_data, task_name
-from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates, write_json
+from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates
+from .reports import write_results
 from .rng import resolve_device
 from .stats import mean_ci, paired_ttest
 from .files import check_folder
 from .rundir import RunLock, config_conflicts, progress_bar
 
 ARMS = ("baseline", "baseline_matched", "bissl")
-ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
 MATCHED_CHECKPOINT_EVERY = 50  # pretext steps between checkpoints of the matched continuation
 
 
@@ -101,7 +100,8 @@ class CompareConfig(Config):
     device: str = device_param()
     out_dir: str = param("runs/compare", "run directory: matched continuations, search trials and seed runs", resumable=True)
     results_dir: str | None = param(None, "where comparison.json/.csv/.md go; None = out_dir", resumable=True)
-    figures_dir: str | None = param(None, "export the comparison figure here; None = no export", resumable=True)
+    figures_dir: str | None = param(None, "where the command line and notebook 05 export the comparison figure; "
+                                    "None = no export", resumable=True)
     figure_stem: str = param("05_comparison", "file name (without extension) of the exported figure", resumable=True)
     progress: bool = param(True, "show a tqdm progress bar over the runs", resumable=True)
 
@@ -392,189 +392,3 @@ def paired_comparisons(arms: dict) -> list[dict]:
             res = paired_ttest([sa[s][metric] for s in common], [sb[s][metric] for s in common]) if common else None
             out.append({"a": a, "b": b, "metric": metric, "seeds": common, **(res or {"n": 0})})
     return out
-
-
-# ---- outputs -------------------------------------------------------------------------------------------------
-
-CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "run",
-              "test_protocol")
-
-
-def csv_text(results: dict) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for t in results["tasks"]:
-        for arm, a in t["arms"].items():
-            for s in a["seeds"]:
-                w.writerow({"task": t["task"], "arm": arm, **s})
-    return buf.getvalue()
-
-
-def _times(k) -> str:
-    """' × K' for a solver run with K iterations ('' where the record leaves K to the solver)."""
-    return f" × {k}" if k else ""
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def comparison_table(results: dict) -> str:
-    """The Markdown tables the README quotes: per arm, then the paired differences, then the protocol."""
-    lines = ["| task | pipeline | n | test top-1 % (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
-             "| k-NN test % | linear probe test % |", "|---|---|---|---|---|---|---|---|"]
-    edges = []
-    for t in results["tasks"]:
-        for arm, a in t["arms"].items():
-            m1, m5 = a["test_top1"], a["test_top5"]
-            top1 = f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" if m1 else "failed"
-            top5 = f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
-            label = ARM_LABELS[arm] + (f" (+{t['matched_extra_steps']} pretext steps)" if arm == "baseline_matched" else "")
-            # results written before the search recorded its edges carry none
-            edge = a["chosen"].get("edges") or []
-            if edge:
-                edges.append(f"{t['task']}, {ARM_LABELS[arm]}: {'; '.join(edge)}")
-            lines.append(f"| {t['task']} | {label} | {m1['n'] if m1 else 0} | {top1} | {top5} | "
-                         f"{a['chosen']['lr']:.3g} / {a['chosen']['weight_decay']:.3g}{' †' if edge else ''} | "
-                         f"{_pct(a['frozen']['knn'])} | {_pct(a['frozen'].get('probe'))} |")
-    if edges:
-        lines += ["", "† chosen at the edge of the search, so the best value may lie outside what was tried "
-                  "(more trials or a wider range would tell): " + "; ".join(edges) + "."]
-    lines += ["", "| task | difference (paired by seed) | metric | n | mean diff, points [95% CI] | t | p |",
-              "|---|---|---|---|---|---|---|"]
-    for t in results["tasks"]:
-        for p in t["paired"]:
-            if not p["n"]:
-                continue
-            lines.append(f"| {t['task']} | {ARM_LABELS[p['a']]} − {ARM_LABELS[p['b']]} | {p['metric']} | {p['n']} | "
-                         f"{100 * p['mean_diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}] | "
-                         f"{p['t']:.2f} | {p['p']:.3g} |")
-    return "\n".join(lines) + "\n"
-
-
-def protocol_text(results: dict) -> str:
-    """One paragraph per task stating the protocol of every number in the tables."""
-    c = results["config"]
-    out = []
-    for t in results["tasks"]:
-        b = t["bissl_run"]
-        arm0 = next(iter(t["arms"].values()))
-        out.append(
-            f"- **{t['task']}** ({t['n_train']} train / {t['n_val']} val / {t['n_test']} test images). Every arm: "
-            f"random search of {c['trials']} (lr, wd) pairs shared by all arms (log-uniform, lr in "
-            f"[{c['lr_range'][0]:g}, {c['lr_range'][1]:g}], wd in [{c['wd_range'][0]:g}, {c['wd_range'][1]:g}]), "
-            f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
-            f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
-            f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
-            f"solver {b['solver']}{_times(b.get('solver_iters', b.get('cg_iters')))}; "
-            f"matched baseline: +{t['matched_extra_steps']} pretext steps. "
-            + ("Backbones moved from the pretext one by (relative L2 of the parameters) "
-               + ", ".join(f"{ARM_LABELS[a]} {d:.3g}" for a, d in t["distance_from_pretext"].items())
-               + (f"; BiSSL vs matched {t['distance_bissl_to_matched']:.3g}" if "distance_bissl_to_matched" in t else "")
-               + ". " if "distance_from_pretext" in t else "") +
-            f"Frozen: {arm0['frozen']['knn_protocol']}; {arm0['frozen'].get('probe_protocol', 'no probe')}.")
-    return "\n".join(out) + "\n"
-
-
-def write_results(results: dict, cfg: CompareConfig) -> dict:
-    """comparison.json, comparison.csv, comparison.md (atomic) and, with figures_dir, the figure."""
-    out = Path(cfg.results_dir or cfg.out_dir)
-    paths = {"json": write_json(out / "comparison.json", results)}
-    for suffix, text in (("csv", csv_text(results)),
-                         ("md", comparison_table(results) + "\nProtocol:\n\n" + protocol_text(results)
-                          + (f"\nCommand: `{results['command']}`\n" if results.get("command") else ""))):
-        tmp = out / f".comparison.{suffix}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / f"comparison.{suffix}")
-        paths[suffix] = out / f"comparison.{suffix}"
-    if cfg.figures_dir is not None:
-        from .plots import export_figure
-        paths.update(export_figure(comparison_figure(results), cfg.figure_stem, cfg.figures_dir))
-    return paths
-
-
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-# ---- figures ---------------------------------------------------------------------------------------------------
-
-ARM_COLOURS = {"baseline": "#7f7f7f", "baseline_matched": "#1f77b4", "bissl": "#d62728"}
-
-
-def comparison_figure(results: dict, metric: str = "test_top1"):
-    """Per task: each seed's test accuracy per arm (grey lines join the same seed), and the mean with its
-    95 % t-interval."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    tasks = results["tasks"]
-    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[t["task"] for t in tasks])
-    for col, t in enumerate(tasks, start=1):
-        arms = list(t["arms"])
-        by_seed: dict[int, list] = {}
-        for i, arm in enumerate(arms):
-            for s in t["arms"][arm]["seeds"]:
-                if s["status"] == "ok":
-                    by_seed.setdefault(s["seed"], []).append((i, s[metric]))
-        for seed, pts in by_seed.items():
-            fig.add_trace(go.Scatter(x=[p[0] - 0.12 for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                     line=dict(color="rgba(120,120,120,0.35)", width=1),
-                                     marker=dict(size=6, color=[ARM_COLOURS[arms[p[0]]] for p in pts]),
-                                     name=f"seed {seed}", showlegend=False,
-                                     hovertemplate=f"seed {seed}: %{{y:.2%}}<extra></extra>"), 1, col)
-        for i, arm in enumerate(arms):
-            m = t["arms"][arm][metric]
-            if m is None:
-                continue
-            half = 0.0 if math.isnan(m["half_width"]) else m["half_width"]
-            fig.add_trace(go.Scatter(x=[i + 0.12], y=[m["mean"]], mode="markers",
-                                     marker=dict(size=11, symbol="diamond", color=ARM_COLOURS[arm]),
-                                     error_y=dict(type="data", array=[half], color=ARM_COLOURS[arm], thickness=2),
-                                     name=ARM_LABELS[arm], showlegend=col == 1,
-                                     hovertemplate=f"{ARM_LABELS[arm]}: mean %{{y:.2%}} ± {half:.2%} "
-                                                   f"(95% CI, n={m['n']})<extra></extra>"), 1, col)
-        fig.update_xaxes(tickvals=list(range(len(arms))), ticktext=[ARM_LABELS[a] for a in arms],
-                         range=[-0.5, len(arms) - 0.5], row=1, col=col)
-        fig.update_yaxes(tickformat=".1%", row=1, col=col)
-    what = metric.replace("test_top", "top-")
-    fig.update_yaxes(title_text=f"test {what}", row=1, col=1)
-    c = results["config"]
-    fig.update_layout(title=dict(text=f"Baseline vs BiSSL: test {what} per seed, and mean ± 95% t-interval"
-                                      f"<br><sup>{c['trials']} search trials per arm (val), "
-                                      f"{c['seeds']} seeds, {c['epochs']} fine-tuning epochs; lines join runs "
-                                      f"with the same seed</sup>"),
-                      height=430, width=max(520, 430 * len(tasks)), margin=dict(t=100, b=60),
-                      legend=dict(orientation="h", y=-0.18))
-    return fig
-
-
-class SearchMonitor:
-    """Live view of a comparison: each trial's val top-1 against its lr, per arm (one panel per task)."""
-
-    def __init__(self, tasks, arms, *, live: bool):
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
-        from .plots import LiveFigure
-        fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[f"{t}: search trials (val)" for t in tasks])
-        self.index = {}
-        for col, task in enumerate(tasks, start=1):
-            for arm in arms:
-                self.index[(task, arm)] = len(fig.data)
-                fig.add_trace(go.Scatter(mode="markers", name=ARM_LABELS[arm], showlegend=col == 1,
-                                         marker=dict(color=ARM_COLOURS[arm], size=8)), 1, col)
-            fig.update_xaxes(type="log", title_text="learning rate", row=1, col=col)
-            fig.update_yaxes(tickformat=".0%", row=1, col=col)
-        fig.update_yaxes(title_text="val top-1", row=1, col=1)
-        fig.update_layout(height=380, width=max(520, 430 * len(tasks)), margin=dict(t=60, b=50),
-                          title="Random search: val top-1 of each trial")
-        self.figure = LiveFigure(fig, live=live)
-
-    def update(self, task, arm, what, rec) -> None:
-        if what == "trial" and rec["status"] == "ok":
-            self.figure.extend(self.index[(task, arm)], rec["lr"], rec["val_top1"])
-
-    def finish(self, stem=None, figures_dir="figures") -> dict:
-        return self.figure.finish(stem, figures_dir)

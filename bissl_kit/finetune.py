@@ -39,8 +39,8 @@ holds a single image), so runs on W ranks and on one process use the same batche
 (the global batch, :class:`~bissl_kit.distributed.SyncBatchNorm`: then equal to one process); the
 running statistics are averaged across ranks at the end of every epoch, so the replicas stay
 identical. Val and test metrics are computed over the union of the ranks' disjoint parts of the split
-(each sample counted once). Rank 0 alone logs, writes the checkpoint and draws figures; every rank
-resumes from that checkpoint.
+(each sample counted once). Rank 0 alone logs and writes the checkpoint (and draws the figure, :mod:`bissl_kit.viz.finetune`);
+every rank resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -533,48 +533,3 @@ def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "v
     if probe:
         out.update(probe=res.probe.accuracy, probe_protocol=protocols["probe"])
     return out
-
-
-# ---- a live figure of one run ------------------------------------------------------------------------------
-
-class FinetuneMonitor:
-    """Train loss and lr per step, val top-1/top-5 per epoch; fed with :class:`Finetuner` records."""
-
-    def __init__(self, *, live: bool, title: str = "Fine-tuning"):
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
-        from .plots import LiveFigure
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("train loss (per step)", "val accuracy (per epoch)"),
-                            specs=[[{"secondary_y": True}, {}]])
-        fig.add_trace(go.Scatter(mode="lines", name="train loss", line=dict(color="#1f77b4")), 1, 1)
-        fig.add_trace(go.Scatter(mode="lines", name="lr", line=dict(color="#aaaaaa", dash="dot")), 1, 1, secondary_y=True)
-        fig.add_trace(go.Scatter(mode="lines+markers", name="val top-1", line=dict(color="#d62728")), 1, 2)
-        fig.add_trace(go.Scatter(mode="lines+markers", name="val top-5", line=dict(color="#ff9896")), 1, 2)
-        fig.update_xaxes(title_text="epoch", row=1, col=1)
-        fig.update_xaxes(title_text="epoch", row=1, col=2)
-        fig.update_yaxes(title_text="cross-entropy", row=1, col=1)
-        fig.update_yaxes(title_text="lr", row=1, col=1, secondary_y=True, showgrid=False)
-        fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=1, col=2)
-        fig.update_layout(title=title, height=400, width=950, margin=dict(t=110, b=50),
-                          legend=dict(orientation="h", y=-0.2))
-        self.figure = LiveFigure(fig, live=live)
-        self.title = title
-
-    def update(self, record: dict) -> None:
-        kind = record.get("kind")
-        if kind == "step":
-            self.figure.extend(0, record["epoch"], record["loss"])
-            self.figure.extend(1, record["epoch"], record["lr"])
-        elif kind == "epoch" and "val_top1" in record:
-            self.figure.extend(2, record["epoch"], record["val_top1"])
-            self.figure.extend(3, record["epoch"], record["val_top5"])
-        elif kind == "final":
-            self.figure.fig.layout.title.text = f"{self.title}<br><sup>{record['protocol']}</sup>"
-
-    def finish(self, stem: str, figures_dir="figures") -> dict:
-        """Export the figure (rank 0 alone under torchrun; the other ranks write and show nothing)."""
-        if not distributed.is_main():
-            from .plots import FigurePaths
-            return FigurePaths()
-        return self.figure.finish(stem, figures_dir)

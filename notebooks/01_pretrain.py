@@ -26,7 +26,8 @@
 # %%
 from bissl_kit.notebooks import NotebookParameters
 from bissl_kit.pretrain import KNN_BN_PROTOCOLS, Pretrainer, PretrainConfig, read_metrics
-from bissl_kit.plots import PretrainMonitor, knn_comparison, export_figure, show_static
+from bissl_kit.viz.figures import export_figure, show_static
+from bissl_kit.viz.pretrain import PretrainMonitor, knn_comparison
 
 params = NotebookParameters(globals())
 

@@ -36,7 +36,7 @@
 # %%
 from bissl_kit.notebooks import NotebookParameters
 from bissl_kit.bissl import BisslConfig, build_trainer
-from bissl_kit.dashboard import BisslDashboard, controls
+from bissl_kit.viz.bilevel import BisslDashboard, controls
 
 params = NotebookParameters(globals())
 
@@ -84,19 +84,24 @@ dashboard.finish("02_bilevel_dashboard", figures_dir)
 # mean losses and the distance between the backbones. Val only: the test split is for notebook 05.
 
 # %%
-from bissl_kit.plots import markdown_table
+from bissl_kit.viz.tables import markdown_table
 columns = ["stage", "val_top1", "val_top5", "pretext_loss", "implicit_loss", "classic_loss", "distance", "seconds"]
 markdown_table(trainer.history, columns, formats={c: ".4g" for c in columns[1:]})
 
 # %% [markdown]
 # ## Explore
 #
-# Change the bilevel knobs and run more stages; the dashboard above keeps growing. A value out of range is
-# refused with the allowed range and nothing is run.
+# Change the bilevel knobs and run more stages; the dashboard above keeps growing. A changed knob **forks**
+# the run: `out_dir` keeps the stages run so far with the config that produced them (so this notebook, run
+# again, resumes it), and the run goes on in `<out_dir>-fork1`, whose checkpoint records the folder and the
+# stage it branched from; the status line says where the run now lives, and a dashed line marks the fork.
+# With no knob changed, more stages continue in place. A value out of range is refused with the allowed
+# range and nothing is run.
 
 # %%
 controls(trainer, dashboard) if live else print("headless run: controls are shown only with live=True")
 
 # %% [markdown]
 # The lower backbone θ_P is saved in `runs/bissl/checkpoint.pt` after every stage (atomically; a
-# stopped run resumes from the last finished stage). Next: **03 · fine-tuning**.
+# stopped run resumes from the last finished stage), and a fork's in its own folder: notebook 03 fine-tunes
+# whichever `backbone_checkpoint` names. Next: **03 · fine-tuning**.

@@ -18,8 +18,9 @@
 # %%
 from bissl_kit.notebooks import NotebookParameters
 from bissl_kit.backbones import load_backbone
-from bissl_kit.finetune import FinetuneConfig, Finetuner, FinetuneMonitor, frozen_metrics
-from bissl_kit.plots import markdown_table
+from bissl_kit.finetune import FinetuneConfig, Finetuner, frozen_metrics
+from bissl_kit.viz.finetune import FinetuneMonitor
+from bissl_kit.viz.tables import markdown_table
 
 params = NotebookParameters(globals())
 

@@ -28,9 +28,10 @@
 
 # %%
 from bissl_kit.notebooks import NotebookParameters
-from bissl_kit.features import (FeaturesConfig, StageExplorer, analyse, changed_predictions, metrics_figure,
-                                thumbnails_figure, umap_panels)
-from bissl_kit.plots import export_figure, markdown_table, show_static
+from bissl_kit.features import FeaturesConfig, analyse, changed_predictions
+from bissl_kit.viz.features import StageExplorer, metrics_figure, thumbnails_figure, umap_panels
+from bissl_kit.viz.figures import export_figure, show_static
+from bissl_kit.viz.tables import markdown_table
 
 params = NotebookParameters(globals())
 

@@ -28,9 +28,10 @@ from pathlib import Path
 from IPython.display import Image, Markdown, display
 
 from bissl_kit.notebooks import NotebookParameters
-from bissl_kit.compare import (CompareConfig, SearchMonitor, comparison_table, load_results, protocol_text,
-                               run_comparison)
-from bissl_kit.plots import show_static
+from bissl_kit.compare import CompareConfig, run_comparison
+from bissl_kit.reports import comparison_table, load_results, protocol_text
+from bissl_kit.viz.compare import SearchMonitor, comparison_figure
+from bissl_kit.viz.figures import export_figure, show_static
 
 params = NotebookParameters(globals())
 
@@ -79,9 +80,8 @@ display(Markdown(comparison_table(results)))
 display(Markdown("**Protocol.**\n\n" + protocol_text(results)))
 
 # %%
-png = Path(figures_dir) / f"{figure_stem}.png"
-from bissl_kit.compare import comparison_figure
-show_static(comparison_figure(results), png if png.exists() else None)
+figure = comparison_figure(results)  # run_comparison writes the text files; the figure is drawn here
+show_static(figure, export_figure(figure, figure_stem, figures_dir).get("png"))
 
 # %% [markdown]
 # ## The committed comparison

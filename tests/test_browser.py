@@ -4,7 +4,7 @@ A widget that runs headless can still fail to render (plotly 7's FigureWidget ne
 extension/version mismatch shows "Error displaying widget"). Each test here starts JupyterLab on
 127.0.0.1 with a random token, opens a working copy of a notebook (quick parameters, ``live=True``)
 in headless Debian Chromium driven by Playwright, runs it with the "Run All Cells" menu command, and
-checks the page's DOM. Screenshots go to ``runs/browser/`` (``$BISSL_SCREENSHOTS``). The server, its kernels and the
+checks the page's DOM (and, where a widget writes files, the run folders). Screenshots go to ``runs/browser/`` (``$BISSL_SCREENSHOTS``). The server, its kernels and the
 browser are stopped when the module ends, also after a failure, and a final check finds no process
 of ours left.
 
@@ -14,6 +14,7 @@ set), where a missing browser is a failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from bissl_kit import dashboard
-from bissl_kit.notebooks import NOTEBOOKS, QUICK, REPO
+from bissl_kit.viz import bilevel as dashboard
+from bissl_kit.checkpoint import load_checkpoint
+from bissl_kit.notebooks import NOTEBOOKS, QUICK, REPO, execute
 
 from browser_helpers import VIEWPORT, alive, chromium, descendants, find_chromium, jupyter_lab, kill_all, with_parameters
 
@@ -200,7 +202,7 @@ def wait_for_points(page, expected: dict[int, int], timeout_s: float = 20) -> No
         page.wait_for_function(js, arg={str(k): v for k, v in expected.items()}, timeout=timeout_s * 1000, polling=200)
     except Exception:
         seen = page.evaluate("() => document.querySelector('.js-plotly-plot')?.data?.map(t => (t.x || []).length)")
-        hint = (" — the widget was drawn from an empty figure (see bissl_kit.plots.figure_widget_class)"
+        hint = (" — the widget was drawn from an empty figure (see bissl_kit.viz.figures.figure_widget_class)"
                 if seen == [] else " — updates sent by the kernel did not reach the plot")
         raise AssertionError(f"the plot holds {seen} points per trace; expected {expected} (trace index: points)"
                              + hint) from None
@@ -221,12 +223,12 @@ def screenshot(page, locator, name: str) -> Path:
 
 # ---- notebook 02: the live dashboard and the "run N stages" button ------------------------------------
 
-def test_02_bilevel_dashboard_updates_live_and_the_button_runs_more_stages(runs, lab, page):
+def test_02_bilevel_dashboard_updates_live_and_a_moved_knob_forks_the_run(runs, lab, page, workdir):
     quick = QUICK["02_bilevel"]
     runs = runs.result()
-    with_parameters(NOTEBOOKS / "02_bilevel.ipynb", lab.root / "02_bilevel.ipynb",
-                    {**quick, "pretrain_checkpoint": str(runs / "pretrain" / "checkpoint.pt"),
-                     "out_dir": str(runs / "bissl"), "figures_dir": str(lab.root / "figures"), "live": True})
+    params = {**quick, "pretrain_checkpoint": str(runs / "pretrain" / "checkpoint.pt"),
+              "out_dir": str(runs / "bissl"), "figures_dir": str(lab.root / "figures"), "live": True}
+    with_parameters(NOTEBOOKS / "02_bilevel.ipynb", lab.root / "02_bilevel.ipynb", params)
     stages, lower = quick["stages"], quick["lower_steps"]
 
     open_notebook(page, lab, "02_bilevel.ipynb")
@@ -251,7 +253,13 @@ def test_02_bilevel_dashboard_updates_live_and_the_button_runs_more_stages(runs,
         f"the plot was drawn only at the end: pretext-loss points seen while the kernel was busy: {sorted(while_busy)}"
     screenshot(page, page.locator(".jp-Cell", has=plot), "02_bilevel_dashboard.png")
 
-    # "run 2 stages" runs two more stages: the status line and the plot say so
+    # λ typed into its slider's readout, as a user would, then "run 2 stages": two more stages, in a fork
+    original, fork = runs / "bissl", runs / "bissl-fork1"
+    lam = json.loads((original / "config.json").read_text())["lam"]
+    readout = page.locator(".widget-slider", has=page.get_by_text("λ", exact=True)).locator(".widget-readout")
+    readout.fill("0.01")
+    readout.press("Enter")
+    assert float(readout.inner_text()) == 0.01  # the slider took it (shown as ".3g": 0.0100)
     button.click()
     page.wait_for_function("(done) => [...document.querySelectorAll('.widget-html')]"
                            ".some(e => e.innerText.trim().startsWith(done))", arg=f"{stages + 2} stages done",
@@ -259,9 +267,29 @@ def test_02_bilevel_dashboard_updates_live_and_the_button_runs_more_stages(runs,
     page.wait_for_function(_DONE_OR_FAILED, timeout=30_000)
     assert_no_errors(page)
     assert button.is_enabled()
+    # the dashboard keeps growing: the fork's stages continue the plot
     wait_for_points(page, {dashboard.T_PRETEXT: (stages + 2) * lower, dashboard.T_DIST: stages + 3})
-    assert page.locator(".jp-OutputArea-output", has_text="stopped:").count() == 0
+    for refusal in ("stopped:", "not run:"):
+        assert page.locator(".jp-OutputArea-output", has_text=refusal).count() == 0, refusal
+    # the status line says where the run now lives
+    assert f"forked to {fork} at stage {stages} (λ {lam:g} → 0.01)" in status.inner_text(), status.inner_text()
     screenshot(page, page.locator(".jp-Cell", has=button), "02_bilevel_controls.png")
+
+    # on disk: the fork's checkpoint names its parent and the stage it branched at ...
+    forked = load_checkpoint(fork / "checkpoint.pt")
+    assert forked["lineage"]["parent"] == {"dir": str(original), "stage": stages, "changed": [f"lam: saved {lam!r}, now 0.01"]}
+    assert forked["step"] == stages + 2 and forked["config"]["lam"] == 0.01
+    assert json.loads((fork / "config.json").read_text())["out_dir"] == str(fork)
+    # ... and the original folder still holds its stages under the config that produced them
+    def assert_original_untouched():
+        ckpt = load_checkpoint(original / "checkpoint.pt")
+        saved = json.loads((original / "config.json").read_text())
+        assert ckpt["step"] == stages and ckpt["config"]["lam"] == saved["lam"] == lam and saved["stages"] == stages
+    assert_original_untouched()
+    # notebook 02 run again with its parameters resumes the original run (before forks it stopped with
+    # "holds a BiSSL run with another config")
+    execute("02_bilevel", {**params, "live": False}, output_dir=workdir / "02_again")
+    assert_original_untouched()
 
 
 # ---- notebook 04: the stage switch of the feature explorer ---------------------------------------------
@@ -280,7 +308,7 @@ def explorer_state(page) -> dict:
 
 
 def test_04_feature_explorer_stage_switch_redraws_the_plot_in_place(runs, lab, page):
-    from bissl_kit.features import StageExplorer
+    from bissl_kit.viz.features import StageExplorer
     runs = runs.result()
     with_parameters(NOTEBOOKS / "04_features_umap.ipynb", lab.root / "04_features_umap.ipynb",
                     {**QUICK["04_features_umap"], "runs_dir": str(runs), "figures_dir": str(lab.root / "figures"),
@@ -301,9 +329,9 @@ def test_04_feature_explorer_stage_switch_redraws_the_plot_in_place(runs, lab, p
     before = explorer_state(page)
     assert before["points"] > 0 and before["title"], (
         f"the explorer's plot is empty ({before}): drawn from an empty figure, the FigureWidget race that "
-        "bissl_kit.plots.figure_widget_class avoids")
-    # the class colours are the static panels' (features.class_colour), not plotly's default palette
-    from bissl_kit.features import PALETTE
+        "bissl_kit.viz.figures.figure_widget_class avoids")
+    # the class colours are the static panels' (viz.features.class_colour), not plotly's default palette
+    from bissl_kit.viz.features import PALETTE
     assert before["colours"][:3] == list(PALETTE[:3]), before["colours"]
 
     # every other stage: the same plot (no new output) takes that stage's title and coordinates

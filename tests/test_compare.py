@@ -12,8 +12,8 @@ from scipy import stats
 
 from bissl_kit.checkpoint import CheckpointError, load_checkpoint
 from bissl_kit.backbones import load_backbone
-from bissl_kit.compare import (ARM_LABELS, CompareConfig, check_bissl_run, comparison_table, matched_config,
-                               parse_task, run_comparison, run_matched)
+from bissl_kit.compare import CompareConfig, check_bissl_run, matched_config, parse_task, run_comparison, run_matched
+from bissl_kit.reports import ARM_LABELS, comparison_table
 from bissl_kit.stats import mean_ci, paired_ttest
 from bissl_kit.config import ConfigError
 from bissl_kit.finetune import FinetuneConfig, describe_source, load_data
@@ -251,6 +251,16 @@ def test_comparison_end_to_end(sources, tmp_path):
         assert any(e.startswith("lr: the ") for e in arm["chosen"]["edges"])
         assert f"{ARM_LABELS[name]}: lr: the " in table
     assert table.count(" † |") == 3 and "† chosen at the edge of the search" in table
+
+
+def test_the_comparison_figure_is_exported_by_its_caller_where_figures_dir_says(tmp_path):
+    """run_comparison writes text only; the command line exports the figure through export_comparison."""
+    from bissl_kit.reports import load_results
+    from bissl_kit.viz.compare import export_comparison
+    results = load_results(Path(__file__).parents[1] / "results" / "comparison.json")
+    assert export_comparison(results, CompareConfig(figures_dir=None)) == {}
+    paths = export_comparison(results, CompareConfig(figures_dir=str(tmp_path / "fig"), figure_stem="cmp"))
+    assert paths["html"] == tmp_path / "fig" / "cmp.html" and paths["html"].stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -196,7 +196,7 @@ def test_measure_gives_protocols_and_the_explorer_redraws_in_place(runs):
         assert r.knn == pytest.approx(r.knn_correct.mean())
         assert r.features.shape == (60, 32)
         r.embedding = r.features[:, :2].astype(np.float64)  # any 2-D picture will do for the widget
-    from bissl_kit.features import StageExplorer
+    from bissl_kit.viz.features import StageExplorer
     ex = StageExplorer(a)
     fig = ex.figure
     x_before = np.concatenate([np.asarray(t.x) for t in fig.data[:10]])

@@ -3,6 +3,7 @@ import ast
 import itertools
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -175,7 +176,7 @@ def test_02_bilevel_in_paper_mode(pretrained, tmp_path):
 
 
 def test_dashboard_builds_headless_and_accepts_every_record_kind():
-    from bissl_kit.dashboard import BisslDashboard
+    from bissl_kit.viz.bilevel import BisslDashboard
     d = BisslDashboard(live=False, layer_names=["stem", "layer1.0"], lower_steps=2, upper_steps=1)
     d.update({"kind": "lower", "stage": 1, "step": 1, "pretext_loss": 5.0})
     d.update({"kind": "upper", "stage": 1, "step": 1, "implicit_loss": 2.0, "classic_loss": 2.1,
@@ -185,3 +186,54 @@ def test_dashboard_builds_headless_and_accepts_every_record_kind():
     fig = d.figure.fig
     assert list(fig.data[5].z) == [[0.8], [0.95]]          # heat map: layers × upper steps
     assert list(fig.data[-1].y) == [1.0, 0.1, 0.01]        # the latest CG solve, relative residuals
+
+
+
+def test_controls_fork_the_run_when_a_knob_changes_and_continue_in_place_otherwise(tmp_path):
+    """Notebook 02's "run N stages" button, clicked in Python (the browser test clicks it in JupyterLab).
+    With the knobs as shown the run goes on in its folder, whose saved config then counts the new stages;
+    with λ moved it goes on in <out_dir>-fork1, whose checkpoint names the parent folder and the stage it
+    branched at, while the parent keeps its config and stages and resumes as before."""
+    from test_bissl import cfg_for, make_problem
+
+    from bissl_kit.bissl import BisslTrainer
+    from bissl_kit.checkpoint import load_checkpoint
+    from bissl_kit.viz.bilevel import T_DIST, BisslDashboard, controls
+
+    first = tmp_path / "bissl"
+    trainer = BisslTrainer(cfg_for(1.0, stages=2), *make_problem(), out_dir=first)  # the toy problem, λ 0.05
+    dashboard = BisslDashboard(live=False, layer_names=[name for name, _ in trainer.groups], lower_steps=3,
+                               upper_steps=trainer.upper_steps)
+    for rec in trainer.run():
+        dashboard.update(rec)
+    grid, row, out = controls(trainer, dashboard).children
+    n, button, status = row.children
+    knobs = {w.description: w for w in grid.children}
+
+    button.click()  # no knob moved: two more stages, in place
+    assert trainer.out_dir == first and trainer.stage == 4 and not (tmp_path / "bissl-fork1").exists()
+    assert json.loads((first / "config.json").read_text())["stages"] == 4
+    assert load_checkpoint(first / "checkpoint.pt")["config"]["stages"] == 4
+
+    knobs["λ"].value = 0.5
+    button.click()
+    fork = tmp_path / "bissl-fork1"
+    assert trainer.out_dir == fork and trainer.stage == 6 and out.outputs == ()
+    ckpt = load_checkpoint(fork / "checkpoint.pt")
+    assert ckpt["step"] == 6 and ckpt["config"]["lam"] == 0.5 and ckpt["config"]["out_dir"] == str(fork)
+    assert ckpt["lineage"]["parent"] == {"dir": str(first), "stage": 4, "changed": ["lam: saved 0.05, now 0.5"]}
+    assert status.value.startswith("<b>6</b> stages done") and f"forked to {fork} at stage 4 (λ 0.05 → 0.5)" in status.value
+    # the parent folder: its stages under the config that produced them
+    parent = load_checkpoint(first / "checkpoint.pt")
+    assert parent["step"] == 4 and parent["config"]["lam"] == 0.05
+    assert json.loads((first / "config.json").read_text())["lam"] == 0.05
+    # one dashboard: the fork's stages continue the stage axis, with a line where it branched
+    assert list(dashboard.figure.fig.data[T_DIST].x) == [1, 2, 3, 4, 5, 6]
+    assert [s.x0 for s in dashboard.figure.fig.layout.shapes] == [4] * 4
+
+    button.click()  # the knobs as they now show: the fork goes on in its own folder
+    assert trainer.out_dir == fork and trainer.stage == 8 and not (tmp_path / "bissl-fork2").exists()
+    assert not Path(f"{fork}-fork1").exists()
+
+    again = BisslTrainer(cfg_for(1.0, stages=2), *make_problem(), out_dir=first)  # the notebook's parameters
+    assert again.resume() and again.stage == 4 and again.cfg.lam == 0.05

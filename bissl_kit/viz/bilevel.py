@@ -26,7 +26,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .plots import LiveFigure
+from .figures import LiveFigure
 
 LAYER_COLORSCALE = "RdBu"
 RESIDUAL_HISTORY = 8  # solves drawn in the residual panel (the latest ones)
@@ -34,6 +34,7 @@ RESIDUAL_HISTORY = 8  # solves drawn in the residual panel (the latest ones)
 # trace indices
 (T_PRETEXT, T_IMPLICIT, T_CLASSIC, T_COS_CLASSIC, T_COS_PRETEXT, T_HEAT, T_DIST, T_ACC) = range(8)
 T_RESIDUAL0 = 8
+STAGE_PANELS = ((1, 1), (1, 2), (3, 1), (3, 2))  # (row, col) of the panels whose x axis is the stage
 
 
 class BisslDashboard:
@@ -64,7 +65,7 @@ class BisslDashboard:
                              (3, 1, "stage", "L2 distance"), (3, 2, "stage", "val top-1")):
             fig.update_xaxes(title_text=xt, row=r, col=c)
             fig.update_yaxes(title_text=yt, row=r, col=c)
-        for r, c in ((1, 2), (3, 1), (3, 2)):  # the four stage panels share one stage axis
+        for r, c in STAGE_PANELS[1:]:  # the four stage panels share one stage axis
             fig.update_xaxes(matches="x", row=r, col=c)
         fig.update_yaxes(range=[-1.05, 1.05], row=1, col=2)
         # plotly's own log ticks: one per decade over a wide range, 2 and 5 between over a short one
@@ -86,6 +87,14 @@ class BisslDashboard:
     def reconfigure(self, lower_steps: int, upper_steps: int) -> None:
         """New N_L, N_U (from the controls) for the positions of later records."""
         self.per_stage, self.lower_steps = lower_steps + upper_steps, lower_steps
+
+    def mark_fork(self, stage: int, text: str) -> None:
+        """A dashed line at ``stage`` on the four stage panels: the curves right of it belong to a fork
+        (the notebook's controls) run under ``text``'s changes."""
+        fig = self.figure.fig
+        for i, (r, c) in enumerate(STAGE_PANELS):
+            fig.add_vline(x=stage, line=dict(dash="dash", width=1, color="#555"), row=r, col=c,
+                          annotation=dict(text=f"fork: {text}", font_size=10) if i == 0 else None)
 
     def update(self, rec: dict) -> None:
         f = self.figure
@@ -131,10 +140,16 @@ class BisslDashboard:
 def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
     """ipywidgets to change λ, δ, γ, K, N_L, N_U and both learning rates, and run N more stages.
 
-    Changing a field re-validates the config (a bad value shows the error and changes nothing).
-    Runs past ``cfg.stages`` extend it, so the cosine schedules are re-planned over the new horizon.
+    A changed knob forks the run (:meth:`~bissl_kit.bissl.BisslTrainer.fork`): the folder so far keeps
+    its stages with the config that produced them, and the run goes on in ``<out_dir>-fork<N>``, whose
+    checkpoint records the parent folder, the stage it branched at and the changed fields; the status
+    line says where the run now lives. With no knob changed the run continues in place: ``stages``,
+    which only extends the horizon (the cosine schedules are re-planned over it), may change on resume.
+    A bad value shows the error and runs nothing.
     """
     import ipywidgets as w
+
+    from ..config import ConfigError
 
     c = trainer.cfg
     fields = {
@@ -147,6 +162,10 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
         "lower_lr": w.FloatLogSlider(value=c.lower_lr, base=10, min=-3, max=1, description="lower lr"),
         "upper_lr": w.FloatLogSlider(value=c.upper_lr, base=10, min=-4, max=0, description="upper lr"),
     }
+    # What each knob showed when the current config was set: a knob counts as changed only when the user
+    # moved it, so that a slider that cannot show the config's value (δ = 0 on a log scale; K left to the
+    # solver) does not fork the run by itself.
+    shown = {k: wd.value for k, wd in fields.items()}
     style = {"description_width": "90px"}
     for widget in fields.values():
         widget.style = style
@@ -155,29 +174,41 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
     button = w.Button(description=f"run {n_stages} stages", button_style="primary", icon="play")
     status = w.HTML(value=f"<b>{trainer.stage}</b> stages done")
     out = w.Output(layout=w.Layout(max_height="120px", overflow="auto"))
+    where = [""]  # the latest fork, kept on the status line below the stage count
+
+    def show(line: str) -> None:
+        status.value = line + (f"<br>{where[0]}" if where[0] else "")
 
     def label(_=None):
         button.description = f"run {n.value} stages"
     n.observe(label, "value")
 
     def on_click(_):
-        from .config import ConfigError
-        values = {k: wd.value for k, wd in fields.items()}
-        target = trainer.stage + n.value
+        changes = {k: wd.value for k, wd in fields.items() if wd.value != shown[k]}
+        old = trainer.cfg
         try:
-            trainer.cfg = trainer.cfg.replace(**values, stages=max(trainer.cfg.stages, target))
-        except ConfigError as e:
+            new = old.replace(**changes, stages=max(old.stages, trainer.stage + n.value))
+            if any(k not in type(new).resumable_fields() for k in changes):
+                folder = trainer.fork(new)  # this folder keeps its stages; the rest goes to the fork's
+                what = ", ".join(f"{fields[k].description} {_value(old, k):g} → {v:g}" for k, v in changes.items())
+                where[0] = (f"forked to {folder} at stage {trainer.stage} ({what})" if folder is not None
+                            else f"config changed at stage {trainer.stage} ({what}); in memory, not saved")
+                dashboard.mark_fork(trainer.stage, what)
+            else:
+                _continue_in_place(trainer, new)
+        except Exception as e:  # a refused value (ConfigError), or a fork folder that cannot be written
             with out:
-                print(f"not run: {e}")
+                print(f"not run: {e}" if isinstance(e, ConfigError) else f"not run: {type(e).__name__}: {e}")
             return
+        shown.update({k: wd.value for k, wd in fields.items()})
         dashboard.reconfigure(trainer.cfg.lower_steps, trainer.upper_steps)
+        show(f"<b>{trainer.stage}</b> stages done")
         button.disabled = True
         try:
             for rec in trainer.run(n.value):
                 dashboard.update(rec)
                 if rec.get("kind") == "stage":
-                    status.value = (f"<b>{trainer.stage}</b> stages done; val top-1 "
-                                    f"{rec.get('val_top1', float('nan')):.1%}")
+                    show(f"<b>{trainer.stage}</b> stages done; val top-1 {rec.get('val_top1', float('nan')):.1%}")
         except Exception as e:  # shown in the panel; the checkpoint of the last finished stage is kept
             with out:
                 print(f"stopped: {type(e).__name__}: {e}")
@@ -188,3 +219,20 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
     button.on_click(on_click)
     grid = w.GridBox(list(fields.values()), layout=w.Layout(grid_template_columns="repeat(2, 380px)"))
     return w.VBox([grid, w.HBox([n, button, status]), out])
+
+
+def _value(cfg, field: str):
+    """A knob's field as the run uses it (K left to the solver is the solver's own)."""
+    return cfg.resolved_solver_iters if field == "solver_iters" else getattr(cfg, field)
+
+
+def _continue_in_place(trainer, cfg) -> None:
+    """Go on in the same run folder under ``cfg``, which differs from the trainer's config in resumable
+    fields only (a longer horizon): the folder's saved config then names the stages it holds.
+
+    The trainer offers :meth:`~bissl_kit.bissl.BisslTrainer.fork` for the other fields and nothing for
+    these, so the config is set on the trainer and on its run folder (:class:`bissl_kit.rundir.RunDir`
+    writes config.json and the checkpoint's config from its own copy)."""
+    trainer.cfg = cfg
+    if trainer.run_dir is not None:
+        trainer.run_dir.cfg = cfg

@@ -1,0 +1,124 @@
+"""The comparison's reports: the text files and tables every number of :mod:`bissl_kit.compare` is read in.
+
+``comparison.json`` (everything, with the command), ``comparison.csv`` (one row per run) and
+``comparison.md`` (the README's tables, then one protocol paragraph per task). Text only: the figure is
+drawn by :mod:`bissl_kit.viz.compare`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .hpo import write_json
+
+if TYPE_CHECKING:
+    from .compare import CompareConfig
+
+# how the tables, the protocol and the figure name each arm of bissl_kit.compare.ARMS
+ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
+
+CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "run",
+              "test_protocol")
+
+
+def csv_text(results: dict) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for t in results["tasks"]:
+        for arm, a in t["arms"].items():
+            for s in a["seeds"]:
+                w.writerow({"task": t["task"], "arm": arm, **s})
+    return buf.getvalue()
+
+
+def _times(k) -> str:
+    """' × K' for a solver run with K iterations ('' where the record leaves K to the solver)."""
+    return f" × {k}" if k else ""
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def comparison_table(results: dict) -> str:
+    """The Markdown tables the README quotes: per arm, then the paired differences, then the protocol."""
+    lines = ["| task | pipeline | n | test top-1 % (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
+             "| k-NN test % | linear probe test % |", "|---|---|---|---|---|---|---|---|"]
+    edges = []
+    for t in results["tasks"]:
+        for arm, a in t["arms"].items():
+            m1, m5 = a["test_top1"], a["test_top5"]
+            top1 = f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" if m1 else "failed"
+            top5 = f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
+            label = ARM_LABELS[arm] + (f" (+{t['matched_extra_steps']} pretext steps)" if arm == "baseline_matched" else "")
+            # results written before the search recorded its edges carry none
+            edge = a["chosen"].get("edges") or []
+            if edge:
+                edges.append(f"{t['task']}, {ARM_LABELS[arm]}: {'; '.join(edge)}")
+            lines.append(f"| {t['task']} | {label} | {m1['n'] if m1 else 0} | {top1} | {top5} | "
+                         f"{a['chosen']['lr']:.3g} / {a['chosen']['weight_decay']:.3g}{' †' if edge else ''} | "
+                         f"{_pct(a['frozen']['knn'])} | {_pct(a['frozen'].get('probe'))} |")
+    if edges:
+        lines += ["", "† chosen at the edge of the search, so the best value may lie outside what was tried "
+                  "(more trials or a wider range would tell): " + "; ".join(edges) + "."]
+    lines += ["", "| task | difference (paired by seed) | metric | n | mean diff, points [95% CI] | t | p |",
+              "|---|---|---|---|---|---|---|"]
+    for t in results["tasks"]:
+        for p in t["paired"]:
+            if not p["n"]:
+                continue
+            lines.append(f"| {t['task']} | {ARM_LABELS[p['a']]} − {ARM_LABELS[p['b']]} | {p['metric']} | {p['n']} | "
+                         f"{100 * p['mean_diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}] | "
+                         f"{p['t']:.2f} | {p['p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def protocol_text(results: dict) -> str:
+    """One paragraph per task stating the protocol of every number in the tables."""
+    c = results["config"]
+    out = []
+    for t in results["tasks"]:
+        b = t["bissl_run"]
+        arm0 = next(iter(t["arms"].values()))
+        out.append(
+            f"- **{t['task']}** ({t['n_train']} train / {t['n_val']} val / {t['n_test']} test images). Every arm: "
+            f"random search of {c['trials']} (lr, wd) pairs shared by all arms (log-uniform, lr in "
+            f"[{c['lr_range'][0]:g}, {c['lr_range'][1]:g}], wd in [{c['wd_range'][0]:g}, {c['wd_range'][1]:g}]), "
+            f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
+            f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
+            f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
+            f"solver {b['solver']}{_times(b.get('solver_iters', b.get('cg_iters')))}; "
+            f"matched baseline: +{t['matched_extra_steps']} pretext steps. "
+            + ("Backbones moved from the pretext one by (relative L2 of the parameters) "
+               + ", ".join(f"{ARM_LABELS[a]} {d:.3g}" for a, d in t["distance_from_pretext"].items())
+               + (f"; BiSSL vs matched {t['distance_bissl_to_matched']:.3g}" if "distance_bissl_to_matched" in t else "")
+               + ". " if "distance_from_pretext" in t else "") +
+            f"Frozen: {arm0['frozen']['knn_protocol']}; {arm0['frozen'].get('probe_protocol', 'no probe')}.")
+    return "\n".join(out) + "\n"
+
+
+def write_results(results: dict, cfg: "CompareConfig") -> dict:
+    """comparison.json, comparison.csv and comparison.md in ``cfg.results_dir`` (else ``cfg.out_dir``),
+    each written atomically; their paths. The figure is the caller's to export
+    (:func:`bissl_kit.viz.compare.export_comparison`), so that running a comparison needs no plotly."""
+    out = Path(cfg.results_dir or cfg.out_dir)
+    paths = {"json": write_json(out / "comparison.json", results)}
+    for suffix, text in (("csv", csv_text(results)),
+                         ("md", comparison_table(results) + "\nProtocol:\n\n" + protocol_text(results)
+                          + (f"\nCommand: `{results['command']}`\n" if results.get("command") else ""))):
+        tmp = out / f".comparison.{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / f"comparison.{suffix}")
+        paths[suffix] = out / f"comparison.{suffix}"
+    return paths
+
+
+def load_results(path: str | Path) -> dict:
+    """A ``comparison.json`` as :func:`write_results` wrote it."""
+    return json.loads(Path(path).read_text())

@@ -70,6 +70,17 @@ class StageState:
     FIXED_IN_FORK = ("pretrain_checkpoint", "downstream", "labels_per_class", "seed", "lower_batch_size",
                      "upper_batch_size", "partial_batch", "head_warmup_epochs", "sync_bn")
 
+    def continue_with(self, cfg: BisslConfig) -> None:
+        """Go on in this run folder under ``cfg``, which may differ in resumable fields only (a longer
+        horizon, another device): the folder's saved config then names the stages it holds. Any other
+        change is a :meth:`fork`."""
+        changed = [k for k in cfg.identity() if cfg.identity()[k] != self.cfg.identity()[k]]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} change(s) the numbers of the run: fork it instead")
+        self.cfg = cfg
+        if self.run_dir is not None:
+            self.run_dir.cfg = cfg
+
     def fork(self, cfg: BisslConfig) -> Path | None:
         """Go on under ``cfg`` in a new run folder that records this run's folder and the stage it branched
         at (:meth:`bissl_kit.rundir.RunDir.fork`); this folder keeps the stages run so far and their config.

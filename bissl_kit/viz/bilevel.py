@@ -195,7 +195,7 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
                             else f"config changed at stage {trainer.stage} ({what}); in memory, not saved")
                 dashboard.mark_fork(trainer.stage, what)
             else:
-                _continue_in_place(trainer, new)
+                trainer.continue_with(new)
         except Exception as e:  # a refused value (ConfigError), or a fork folder that cannot be written
             with out:
                 print(f"not run: {e}" if isinstance(e, ConfigError) else f"not run: {type(e).__name__}: {e}")
@@ -224,15 +224,3 @@ def controls(trainer, dashboard: BisslDashboard, *, n_stages: int = 2):
 def _value(cfg, field: str):
     """A knob's field as the run uses it (K left to the solver is the solver's own)."""
     return cfg.resolved_solver_iters if field == "solver_iters" else getattr(cfg, field)
-
-
-def _continue_in_place(trainer, cfg) -> None:
-    """Go on in the same run folder under ``cfg``, which differs from the trainer's config in resumable
-    fields only (a longer horizon): the folder's saved config then names the stages it holds.
-
-    The trainer offers :meth:`~bissl_kit.bissl.BisslTrainer.fork` for the other fields and nothing for
-    these, so the config is set on the trainer and on its run folder (:class:`bissl_kit.rundir.RunDir`
-    writes config.json and the checkpoint's config from its own copy)."""
-    trainer.cfg = cfg
-    if trainer.run_dir is not None:
-        trainer.run_dir.cfg = cfg

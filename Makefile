@@ -46,7 +46,9 @@ demo: setup
 figures: setup
 	$(BIN)/python -m bissl_kit.notebooks run --figures-dir figures
 
+# Lint first (seconds; the rules are pyproject.toml's [tool.ruff]), then the suite.
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean-runs:

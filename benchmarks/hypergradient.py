@@ -90,7 +90,8 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default=None, help="backbone: resnet18 or resnet50 (default resnet18).")
     ap.add_argument("--width", type=int, default=None,
                     help="channels of layer1; 16 = narrow CPU default, 64 = standard (default: 16 on CPU, 64 on CUDA).")
-    ap.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 16 on CPU, the embedded default; 96 on CUDA).")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="image side in pixels (default: 16 on CPU, the embedded default; 96 on CUDA).")
     ap.add_argument("--channels", type=int, default=None, help="1 or 3 image channels (default: 1 on CPU, 3 on CUDA).")
     # Data
     ap.add_argument("--batch", type=int, default=128,
@@ -406,7 +407,8 @@ def main(argv=None):
         path = Path(args.cache) / f"init_{args.arch}_w{args.width}_c{args.channels}_s{args.image_size}_seed{args.seed}_random.pt"
     prob = Problem(args, state)
     n_params = sum(p.numel() for p in prob.params.values())
-    ref_path = path.with_name(f"{path.stem}_ref_b{args.batch}_d{args.damping:g}_rtol{args.ref_rtol:g}_it{args.ref_max_iter}_minres_{args.device}.pt")
+    ref_path = path.with_name(f"{path.stem}_ref_b{args.batch}_d{args.damping:g}_rtol{args.ref_rtol:g}"
+                              f"_it{args.ref_max_iter}_minres_{args.device}.pt")
     if ref_path.exists():
         ref, ref_info = torch.load(ref_path)
         print(f"[reference] cached: {ref_path}", file=sys.stderr)

@@ -6,8 +6,9 @@ an earlier run; options given on the command line override it. The same command 
 ``torchrun`` on several processes, GPUs and nodes (README, "Scaling out with torchrun").
 
 Stages: ``pretrain`` (PretrainConfig), ``bissl`` (BisslConfig; ``--paper-mode`` as notebook 02's
-``paper_mode``, ``--preset`` for the official V1/V3 settings), ``finetune`` (FinetuneConfig) and ``compare`` (CompareConfig). Paths are relative to
-the working directory (the notebooks' parameters are relative to ``notebooks/``).
+``paper_mode``, ``--preset`` for the official V1/V3 settings), ``finetune`` (FinetuneConfig) and
+``compare`` (CompareConfig). Paths are relative to the working directory
+(the notebooks' parameters are relative to ``notebooks/``).
 """
 
 from __future__ import annotations

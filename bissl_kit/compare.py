@@ -39,7 +39,8 @@ from . import distributed
 from .backbones import load_backbone
 from .checkpoint import CheckpointError, content_signature, load_checkpoint
 from .config import Config, ConfigError, device_param, param
-from .finetune import FinetuneConfig, describe_source, frozen_metrics, load_data, task_name
+from .downstream import frozen_metrics, load_data, task_name
+from .finetune import FinetuneConfig, describe_source
 from .hpo import LR_RANGE, WD_RANGE, run_search, sample_candidates
 from .reports import write_results
 from .rng import resolve_device

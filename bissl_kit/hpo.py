@@ -28,7 +28,8 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .files import write_text_atomic
-from .finetune import DownstreamData, FinetuneConfig, finetune
+from .downstream import DownstreamData
+from .finetune import FinetuneConfig, finetune
 from .rng import generator
 
 class SearchFailedError(RuntimeError):

@@ -101,7 +101,8 @@ class PretrainConfig(Config):
                               choices=("digits", "fashion_mnist"))
     eval_labels_per_class: int | None = param(None, "labelled train images per class of the k-NN monitor; "
                                               "None = the whole train split", low=1)
-    knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end", low=0, resumable=True)
+    knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end",
+                           low=0, resumable=True)
     knn_k: int = param(20, "neighbours of the weighted k-NN monitor", low=1)
     knn_temperature: float = param(0.07, "temperature of the weighted k-NN vote", low=0, low_inclusive=False)
     knn_bn: str = param("pretext", "BN statistics of the k-NN features: 'pretext' = re-estimated on a copy over "

@@ -16,19 +16,21 @@
 #
 # What to look at in the dashboard:
 # * **alignment** — cos(x, ∇θD L_D) near 1 means the implicit hypergradient points where plain fine-tuning
-#   would. On the paper's toy the solve is close to x ≈ v (spec §1.4); on this backbone it is not: after 100
-#   SimCLR steps A = I + H/(λ+δ) has eigenvalues from about −1.8 to 118 (indefinite, `benchmarks/hypergradient.py`).
+#   would. On the paper's toy the solve is close to x ≈ v (spec §1.4); on a trained backbone it need not be:
+#   A = I + H/(λ+δ) can be indefinite (its spectrum is measured by `benchmarks/hypergradient.py`).
 #   cos(x, ∇θP L_P) tells whether the downstream
 #   and the pretext task pull θ_P the same way (> 0) or against each other (< 0). The heat map shows the first
 #   cosine per layer and upper step.
 # * **solver residuals** — ‖v − Ax‖/‖v‖ of each upper step's solve. The official "layerwise" recursion's x
-#   leaves a residual of about 8‖v‖ here, farther from the solution than x = 0. Our default, one MINRES
-#   iteration (x = αv with the best α), can never do worse than x = 0; more iterations (`solver_iters`) reduce
-#   the residual slowly on this indefinite A (`benchmarks/stage.py`: error 0.98 with 1 iteration, 0.81 with 5).
+#   can end farther from the solution than x = 0 on an indefinite A. Our default, one MINRES iteration
+#   (x = αv with the best α), can never do worse than x = 0; more iterations (`solver_iters`) reduce the
+#   residual, slowly on an indefinite A. The measured errors and speeds of each solver are in
+#   `docs/benchmarks.md` (made by `benchmarks/stage.py`).
 # * **‖θ_P − θ_D‖** — how far the proximal term lets the two backbones drift apart.
 #
 # `BisslConfig.embedded()` is our default mode (one MINRES iteration per upper step, gradient graph built
-# once per stage, BatchNorm statistics not drifting: 3× faster than the official stage on this machine);
+# once per stage, BatchNorm statistics not drifting; its speed-up over the official stage is measured in
+# `docs/benchmarks.md`);
 # `paper_mode = True` runs the official algorithm exactly.
 # After the run, the controls below the dashboard change λ, δ, γ, K, N_L, N_U and the learning rates and run
 # more stages; the kernel must be idle for the button to work.
@@ -72,7 +74,8 @@ trainer = build_trainer(cfg)
 mode = "paper mode" if paper_mode else "fast mode"
 dashboard = BisslDashboard(live=live, layer_names=[name for name, _ in trainer.groups],
                            lower_steps=cfg.lower_steps, upper_steps=trainer.upper_steps,
-                           title=f"BiSSL on {cfg.downstream} ({mode}): λ={cfg.lam:g}, δ={cfg.damping:g}, γ={cfg.gamma:g}, K={cfg.resolved_solver_iters}")
+                           title=f"BiSSL on {cfg.downstream} ({mode}): λ={cfg.lam:g}, δ={cfg.damping:g}, "
+                                 f"γ={cfg.gamma:g}, K={cfg.resolved_solver_iters}")
 for record in trainer.run(replay=True):  # replay: a resumed run redraws its history
     dashboard.update(record)
 dashboard.finish("02_bilevel_dashboard", figures_dir)

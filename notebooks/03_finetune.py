@@ -18,7 +18,8 @@
 # %%
 from bissl_kit.notebooks import NotebookParameters
 from bissl_kit.backbones import load_backbone
-from bissl_kit.finetune import FinetuneConfig, Finetuner, frozen_metrics
+from bissl_kit.downstream import frozen_metrics
+from bissl_kit.finetune import FinetuneConfig, Finetuner
 from bissl_kit.viz.finetune import FinetuneMonitor
 from bissl_kit.viz.tables import markdown_table
 

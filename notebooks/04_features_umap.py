@@ -113,8 +113,9 @@ if "pretrained" in keys and "bissl_lower" in keys:
     names = analysis.data.class_names()
     before = analysis.stage("pretrained")
     after = analysis.stage("bissl_lower")
-    for stem, idx, stage, what in (("04_features_fixed", fixed, before, "Fixed by BiSSL θ_P — {} images the pre-trained k-NN got wrong"),
-                                   ("04_features_broken", broken, after, "Broken by BiSSL θ_P — {} images the pre-trained k-NN got right")):
+    for stem, idx, stage, what in (
+        ("04_features_fixed", fixed, before, "Fixed by BiSSL θ_P — {} images the pre-trained k-NN got wrong"),
+        ("04_features_broken", broken, after, "Broken by BiSSL θ_P — {} images the pre-trained k-NN got right")):
         captions = [f"{names[analysis.data.eval_labels[i]]} (k-NN: {names[stage.knn_pred[i]]})" for i in idx]
         gallery = thumbnails_figure(analysis, idx, captions=captions, title=what.format(len(idx)) +
                                     "<br><sup>caption: true class (the wrong k-NN answer)</sup>")

@@ -53,7 +53,8 @@ def make_problem(seed=0):
 
     def views(idx, tag):  # a deterministic "augmentation" seeded by the tag
         g = generator(99, *tag)
-        return xp[idx] + 0.1 * torch.randn(len(idx), D_IN, generator=g), xp[idx] * (1 + 0.1 * torch.rand(len(idx), 1, generator=g))
+        return (xp[idx] + 0.1 * torch.randn(len(idx), D_IN, generator=g),
+                xp[idx] * (1 + 0.1 * torch.rand(len(idx), 1, generator=g)))
 
     def down(idx, tag):
         return xd[idx], yd[idx]

@@ -4,9 +4,9 @@ A widget that runs headless can still fail to render (plotly 7's FigureWidget ne
 extension/version mismatch shows "Error displaying widget"). Each test here starts JupyterLab on
 127.0.0.1 with a random token, opens a working copy of a notebook (quick parameters, ``live=True``)
 in headless Debian Chromium driven by Playwright, runs it with the "Run All Cells" menu command, and
-checks the page's DOM (and, where a widget writes files, the run folders). Screenshots go to ``runs/browser/`` (``$BISSL_SCREENSHOTS``). The server, its kernels and the
-browser are stopped when the module ends, also after a failure, and a final check finds no process
-of ours left.
+checks the page's DOM (and, where a widget writes files, the run folders). Screenshots go to ``runs/browser/``
+(``$BISSL_SCREENSHOTS``). The server, its kernels and the browser are stopped when the module ends, also after a
+failure, and a final check finds no process of ours left.
 
 Needs the Playwright Python package and a system Chromium (``make setup`` installs both; never
 ``playwright install``). Without them the tests are skipped saying why, except under CI (``$CI``

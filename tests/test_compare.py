@@ -16,7 +16,8 @@ from bissl_kit.compare import CompareConfig, check_bissl_run, matched_config, pa
 from bissl_kit.reports import ARM_LABELS, comparison_table
 from bissl_kit.stats import mean_ci, paired_ttest
 from bissl_kit.config import ConfigError
-from bissl_kit.finetune import FinetuneConfig, describe_source, load_data
+from bissl_kit.downstream import load_data
+from bissl_kit.finetune import FinetuneConfig, describe_source
 from bissl_kit.hpo import run_search, sample_candidates, search_edges, select_best
 
 

@@ -120,7 +120,7 @@ def test_missing_default_checkpoints_are_skipped_but_a_named_missing_one_is_an_e
 
 
 def test_a_stage_from_another_pretraining_run_is_flagged():
-    from bissl_kit.features import _lineage_differences
+    from bissl_kit.features.stages import _lineage_differences
     a = PretrainConfig(steps=300, out_dir="runs/a")
     assert _lineage_differences(a, PretrainConfig(steps=300, out_dir="elsewhere", progress=False)) == ""
     assert _lineage_differences(a, PretrainConfig(steps=600, temperature=0.5)) == "temperature: 0.2 vs 0.5; steps: 300 vs 600"

@@ -10,8 +10,9 @@ from bissl_kit.checkpoint import CheckpointError, load_checkpoint
 from bissl_kit.config import ConfigError
 from bissl_kit.evaluate import knn_accuracy
 from bissl_kit.backbones import load_backbone
-from bissl_kit.finetune import (FinetuneConfig, Finetuner, accuracy_topk, describe_source, evaluate_split, finetune,
-                                load_data, load_finetuned, read_metrics)
+from bissl_kit.downstream import evaluate_split, load_data
+from bissl_kit.evaluate import accuracy_topk
+from bissl_kit.finetune import FinetuneConfig, Finetuner, describe_source, finetune, load_finetuned, read_metrics
 from bissl_kit.pretrain import PretrainConfig, pretrain
 
 

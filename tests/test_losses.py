@@ -67,7 +67,8 @@ def _bn_models():
     torch.manual_seed(0)
     backbone = build_backbone(width=4, in_channels=1, small_stem=True).double()
     g = torch.Generator().manual_seed(1)
-    v1, v2 = torch.rand(6, 1, 12, 12, generator=g, dtype=torch.float64), torch.rand(6, 1, 12, 12, generator=g, dtype=torch.float64)
+    v1 = torch.rand(6, 1, 12, 12, generator=g, dtype=torch.float64)
+    v2 = torch.rand(6, 1, 12, 12, generator=g, dtype=torch.float64)
     models = {m: build_pretext(m, copy.deepcopy(backbone), proj_hidden=8, proj_dim=8, pretext_forward="per_view").double()
               for m in ("simclr", "byol")}
     return models, v1, v2

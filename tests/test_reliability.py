@@ -540,7 +540,8 @@ def state_equal(a: dict, b: dict) -> bool:
 
 
 PRETRAIN_ARGS = ("--steps", 24, "--batch-size", 16, "--warmup-steps", 2, "--width", 4, "--image-size", 8,
-                 "--proj-hidden", 16, "--proj-dim", 8, "--knn-every", 0, "--knn-bn", "running", "--checkpoint-every", 4, "--device", "cpu",
+                 "--proj-hidden", 16, "--proj-dim", 8, "--knn-every", 0, "--knn-bn", "running",
+                 "--checkpoint-every", 4, "--device", "cpu",
                  "--progress", "false")
 
 

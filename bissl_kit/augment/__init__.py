@@ -30,8 +30,8 @@ Protocol
   corner is uniform over the positions where it fits. The box [x0, x0+w]×[y0, y0+h] (pixel-edge
   coordinates) is resampled to S×S at half-pixel centres, x = x0 + w·(j + ½)/S, via `affine_grid`
   with align_corners=False; that is what makes the identity box (scale 1, ratio 1, S = W, no flip)
-  reproduce the input (up to float rounding of the grid, < 1e-5). A flip negates the x-scale of the affine map. Samples outside the
-  image (half a pixel at the border when upsampling, bicubic taps) take the border value, as a
+  reproduce the input (up to float rounding of the grid, < 1e-5). A flip negates the x-scale of the affine map.
+  Samples outside the image (half a pixel at the border when upsampling, bicubic taps) take the border value, as a
   crop-then-resize does. No antialiasing: the views here are crops of images no larger than
   S (STL10 96→96, Fashion-MNIST 28→28), i.e. upsampling; downsampling big images would alias.
   Bicubic can overshoot, so its output is clamped to [0, 1].

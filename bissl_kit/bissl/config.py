@@ -42,7 +42,8 @@ PAPER_NEURIPS_UPPER = {
 @dataclass(frozen=True)
 class BisslConfig(Config):
     # Inputs
-    pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt", "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P", resumable=True)
+    pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt",
+                                     "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P", resumable=True)
     downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)", choices=tuple(data_mod.DATASETS))
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
@@ -74,7 +75,8 @@ class BisslConfig(Config):
     hessian_batches: int = param(1, "batches the Hessian is averaged over (V1's dead code intended 5)", low=1)
     bn_stats: str = param("restore", "BatchNorm buffers of θ_P during the upper phase: 'update' (official drift) or 'restore'",
                           choices=("update", "restore"))
-    nonfinite: str = param(RECOMMENDED_SOLVER["nonfinite"], "non-finite hypergradient: 'raise' (stop, naming where) or 'zero' (official nan_to_num)",
+    nonfinite: str = param(RECOMMENDED_SOLVER["nonfinite"],
+                     "non-finite hypergradient: 'raise' (stop, naming where) or 'zero' (official nan_to_num)",
                            choices=("raise", "zero"))
     nonfinite_loss: str = param("raise", "non-finite loss at either level: 'raise' (stop at once, naming stage and step) "
                                 "or 'continue' (official: train on; a non-finite state is still never written over "

@@ -28,7 +28,8 @@ Modules, in the order a solve uses them:
   presets :data:`PAPER_SOLVER` and :data:`RECOMMENDED_SOLVER`.
 """
 from .hypergradient import (
-    DEFAULT_ITERS, OFFICIAL_CG_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS, HypergradientSolver, HypergradResult, hypergradient,
+    DEFAULT_ITERS, OFFICIAL_CG_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS, HypergradientSolver, HypergradResult,
+    hypergradient,
 )
 from .operators import (
     OFFICIAL_DAMPING, OFFICIAL_LAMBDA, AveragedOperator, DampedOperator, HessianOperator, RankMeanOperator,

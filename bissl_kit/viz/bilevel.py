@@ -12,8 +12,8 @@ Panels and their definitions (docs/… in the notebook's story):
   plain fine-tuning would? — and cos(x, ∇_θP L_P) against the pretext gradient of the last lower
   step (negative: the downstream wants what the pretext task resists);
 * per-layer alignment: the first cosine per layer group (stem, layer1.0, …) and upper step;
-* solver (CG, MINRES or the layerwise recursion): relative residual ‖v − A x_k‖/‖v‖ per iteration of the latest solves, from the start point
-  x_0 (0, or the warm start) (log scale);
+* solver (CG, MINRES or the layerwise recursion): relative residual ‖v − A x_k‖/‖v‖ per iteration of the latest
+  solves, from the start point x_0 (0, or the warm start) (log scale);
 * distance ‖θ_P − θ_D‖, and val top-1 of (θ_D, φ_D) per stage.
 
 :func:`controls` builds the ipywidgets panel with a "run N stages" button. A widget cannot steer a
@@ -53,7 +53,8 @@ class BisslDashboard:
         fig.add_trace(go.Scatter(name="cos(x, ∇θP L_P)", mode="lines+markers", marker=dict(size=4),
                                  line=dict(color="#9467bd", **line)), 1, 2)
         fig.add_trace(go.Heatmap(name="per layer", y=list(layer_names), zmin=-1, zmax=1, zmid=0,
-                                 colorscale=LAYER_COLORSCALE, colorbar=dict(title="cos", len=0.3, y=0.5, x=0.43, thickness=12)), 2, 1)
+                                 colorscale=LAYER_COLORSCALE,
+                                 colorbar=dict(title="cos", len=0.3, y=0.5, x=0.43, thickness=12)), 2, 1)
         fig.add_trace(go.Scatter(name="‖θ_P − θ_D‖", mode="lines", line=dict(color="#8c564b", **line), showlegend=False), 3, 1)
         fig.add_trace(go.Scatter(name="val top-1", mode="lines+markers", line=dict(color="#17becf", **line),
                                  showlegend=False), 3, 2)

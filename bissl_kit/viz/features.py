@@ -132,7 +132,8 @@ def metrics_figure(analysis: FeatureAnalysis, *, width: int = LAPTOP_WIDTH) -> g
                        x=0, y=0, yshift=-60, showarrow=False, align="left", xanchor="left", yanchor="top")
     fig.update_layout(title=dict(text="Frozen-feature numbers per stage", x=0.01), width=width, height=540,
                       barmode="group", margin=dict(l=60, r=20, t=100, b=150), plot_bgcolor="white",
-                      legend=dict(orientation="h", x=0.005, y=0.995, xanchor="left", yanchor="top", bgcolor="rgba(255,255,255,0.8)"))
+                      legend=dict(orientation="h", x=0.005, y=0.995, xanchor="left", yanchor="top",
+                                  bgcolor="rgba(255,255,255,0.8)"))
     fig.update_yaxes(gridcolor="#eee")
     return fig
 

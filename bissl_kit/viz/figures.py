@@ -108,7 +108,8 @@ class LiveFigure:
         """Draw the final state; export to ``figures_dir/stem.{html,png}`` when ``stem`` is given;
         headless, display the figure once (as PNG when possible). Returns the written paths."""
         self.redraw()
-        paths = export_figure(go.Figure(self.fig).update_layout(width=self.export_width), stem, figures_dir) if stem else FigurePaths()
+        fig = go.Figure(self.fig).update_layout(width=self.export_width)
+        paths = export_figure(fig, stem, figures_dir) if stem else FigurePaths()
         if not self.live and self._display:
             show_static(self.fig, paths.get("png"))
         return paths

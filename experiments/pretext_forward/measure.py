@@ -1,7 +1,8 @@
 """Does the default mode lose anything by sending both SimCLR/BYOL views through one forward?
 
 The official code runs one forward per view (spec §2.3); until 2026-12-01 the kit's default mode ran
-one forward of both (``pretext_forward="joint"``), since then it runs one per view. This script measures the two on the embedded default:
+one forward of both (``pretext_forward="joint"``), since then it runs one per view. This script measures the two on the embedded
+default:
 
     OMP_NUM_THREADS=1 python experiments/pretext_forward/measure.py speed --method simclr
     OMP_NUM_THREADS=1 python experiments/pretext_forward/measure.py train --method simclr --forward per_view --seed 0

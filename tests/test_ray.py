@@ -2,9 +2,12 @@
 and resumed from its run folder, app errors named by their job, and a local instance reachable only on
 loopback with no dashboard. One local instance serves the module (a Ray start costs seconds)."""
 
+import http.client
 import os
 import signal
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -14,8 +17,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from bissl_kit.checkpoint import load_checkpoint  # noqa: E402
-from bissl_kit.engine import Job, Ref, Resources, run_jobs  # noqa: E402
-from bissl_kit.engine.ray_executor import JobFailedError, _is_loopback, start_local  # noqa: E402
+from bissl_kit.engine import Job, JobFailedError, Ref, Resources, run_jobs  # noqa: E402
+from bissl_kit.engine.ray_executor import _is_loopback, start_local  # noqa: E402
 from bissl_kit.finetune import FinetuneConfig, finetune  # noqa: E402
 from bissl_kit.pretrain import PretrainConfig, Pretrainer  # noqa: E402
 from bissl_kit.rundir import MetricsLog  # noqa: E402
@@ -139,6 +142,23 @@ def test_the_local_instance_listens_on_loopback_only_and_has_no_dashboard(local_
     assert dashboard_port not in {port for _, _, port in listening}
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", dashboard_port), timeout=2).close()
+    # and on loopback no port takes a job without Ray's token (the job API is how a Ray instance is taken over)
+    for _, ip, port in {s for s in listening if s[1] in ("127.0.0.1", "::ffff:127.0.0.1")}:
+        for path in ("/api/job_agent/jobs/", "/api/jobs/"):
+            assert submit_job_without_token(port, path) not in range(200, 300), (port, path)
+
+
+def submit_job_without_token(port: int, path: str) -> int | None:
+    """The HTTP status of a job submission without a token (None: the port does not speak HTTP/1)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b'{"entrypoint": "touch /tmp/pwned"}',
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
 
 
 def test_numbers_equal_the_sequential_executor_with_one_and_two_workers(local_ray, tmp_path, capsys):

@@ -6,7 +6,8 @@ a search before the seeds at its chosen values). The experiment code states that
 executor runs it:
 
 * ``"sequential"`` (:mod:`bissl_kit.engine.jobs`): one job after another in this process, for debugging;
-* ``"ray"``: every job a Ray task with its resources, the dependencies as Ray futures.
+* ``"ray"`` (:mod:`bissl_kit.engine.ray_executor`, docs/ray.md): every job a Ray task with its resources, the
+  dependencies as Ray futures; a local instance by default, a cluster with ``address=``.
 
 Every job's result depends only on its arguments: a job runs with exactly ``resources.cpus`` torch threads
 in every executor (CPU kernels reduce in an order that depends on the thread count), its randomness comes
@@ -16,6 +17,6 @@ numbers are identical whichever executor runs the graph and however many workers
 
 from __future__ import annotations
 
-from .jobs import EXECUTORS, Job, Ref, Resources, run_jobs, topological_order
+from .jobs import EXECUTORS, Job, JobFailedError, Ref, Resources, run_jobs, topological_order
 
-__all__ = ["Job", "Ref", "Resources", "run_jobs", "topological_order", "EXECUTORS"]
+__all__ = ["Job", "JobFailedError", "Ref", "Resources", "run_jobs", "topological_order", "EXECUTORS"]

@@ -109,6 +109,19 @@ def topological_order(jobs: list[Job]) -> list[Job]:
     return order
 
 
+class JobFailedError(RuntimeError):
+    """A job of the graph raised an exception in another process (the Ray executor): its key, the original
+    exception's type and message, and the traceback where it ran. The sequential executor lets the job's
+    own exception through, with its traceback, for debugging."""
+
+    def __init__(self, key: str, error_type: str, message: str, worker_traceback: str = ""):
+        self.key, self.error_type, self.message, self.worker_traceback = key, error_type, message, worker_traceback
+        super().__init__(f"job {key!r} failed: {error_type}: {message}")
+
+    def __reduce__(self):  # pickled from the worker to the driver with its four fields
+        return type(self), (self.key, self.error_type, self.message, self.worker_traceback)
+
+
 def call_with_threads(fn: Callable[..., Any], kwargs: dict, threads: int):
     """``fn(**kwargs)`` with exactly ``threads`` torch threads (restored after): the same in every executor."""
     before = torch.get_num_threads()

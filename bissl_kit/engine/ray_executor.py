@@ -36,19 +36,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..rundir import progress_bar
-from .jobs import EXECUTORS, Job, call_with_threads, resolve, topological_order
-
-
-class JobFailedError(RuntimeError):
-    """A job of the graph raised an exception: its key, the original exception's type and message, and
-    the traceback in the worker."""
-
-    def __init__(self, key: str, error_type: str, message: str, worker_traceback: str = ""):
-        self.key, self.error_type, self.message, self.worker_traceback = key, error_type, message, worker_traceback
-        super().__init__(f"job {key!r} failed: {error_type}: {message}")
-
-    def __reduce__(self):  # pickled from the worker to the driver with its four fields
-        return type(self), (self.key, self.error_type, self.message, self.worker_traceback)
+from .jobs import EXECUTORS, Job, JobFailedError, call_with_threads, resolve, topological_order
 
 
 def _execute(key: str, fn, kwargs: dict, threads: int, dep_keys: tuple[str, ...], *dep_values):
@@ -134,7 +122,10 @@ def run_ray(jobs: list[Job], *, progress: bool = True, desc: str = "runs", addre
     order = topological_order(jobs)
     if not order:
         return {}
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("executor='ray' needs the ray package: pip install 'bissl_kit[ray]'") from e
 
     started = _connect(address, num_cpus, num_gpus)
     task = ray.remote(max_retries=retries, retry_exceptions=False)(_execute)

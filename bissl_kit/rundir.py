@@ -169,15 +169,24 @@ class RunLock:
 # ---- the log ----------------------------------------------------------------------------------------------
 
 class MetricsLog:
-    """``folder/metrics.jsonl``: one JSON record per line, appended as the run goes."""
+    """``folder/metrics.jsonl``: one JSON record per line, appended as the run goes. Given the ``stage``
+    that writes it (a run's log, not a reader), it also keeps the TensorBoard view of the records beside it
+    (:mod:`bissl_kit.tensorboard`; off with ``BISSL_TENSORBOARD=0`` or without the package)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, stage: str | None = None):
         self.path = Path(folder) / "metrics.jsonl"
+        self.scalars = None
+        if stage is not None:
+            from . import tensorboard
+            if tensorboard.enabled():
+                self.scalars = tensorboard.ScalarLog(folder, stage)
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.scalars is not None:
+            self.scalars.append(record)
 
     def _read(self) -> tuple[list[dict], int]:
         """The records, and how many lines could not be read (a cut-short last line, a damaged one)."""
@@ -219,9 +228,15 @@ class MetricsLog:
                 seen.add(key)
                 kept.append(r)
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        # the curves hold what the log holds, each step once; an intact log leaves its event file untouched
+        # (a finished run re-read changes no file)
+        if self.scalars is not None and (bad or kept != records or not self.scalars.path.exists()):
+            self.scalars.rewrite(kept)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        if self.scalars is not None:
+            self.scalars.clear()
 
 
 def config_conflicts(saved: dict, now: dict, ignore: frozenset[str]) -> list[str]:
@@ -246,7 +261,7 @@ class RunDir:
         self.identity = identity or {}   # the inputs the numbers depend on besides the config
         self.lineage = dict(lineage or {})
         self.main = distributed.is_main()
-        self.log = MetricsLog(self.path) if self.main else distributed.NullLog()
+        self.log = MetricsLog(self.path, stage=kind) if self.main else distributed.NullLog()
         self.lock = RunLock(self.path) if self.main else None
         if self.lock is not None:  # a trainer dropped without finishing frees the folder too
             weakref.finalize(self, self.lock.release)

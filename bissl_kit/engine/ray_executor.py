@@ -80,14 +80,20 @@ def start_local(*, num_cpus: int | None = None, num_gpus: float | None = None, q
 
     # Ray's local-only mode: with clusters "disabled" the node's address is the loopback one and its gRPC
     # servers bind there (on Linux a plain ray.init advertises and binds the machine's network address)
-    before = ray_constants.ENABLE_RAY_CLUSTER
+    before = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("PYTHONPATH")
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # the workers inherit the raylet's environment, which it takes from this process as it starts (a
+    # runtime_env would do the same through Ray's runtime-env agent, and cost the first tasks seconds)
+    os.environ["PYTHONPATH"] = _worker_pythonpath()
     try:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 dashboard_host="127.0.0.1", logging_level=logging.WARNING if quiet else logging.INFO,
-                 runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath()}})
+                 dashboard_host="127.0.0.1", logging_level=logging.WARNING if quiet else logging.INFO)
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
+        ray_constants.ENABLE_RAY_CLUSTER = before[0]
+        if before[1] is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before[1]
     node_ip = ray.util.get_node_ip_address()
     if not _is_loopback(node_ip):
         ray.shutdown()

@@ -38,3 +38,7 @@ step "stage benchmark" 300 $py benchmarks/stage.py --device cuda --repeats 3 \
     --ref-rtol 1e-2 --ref-iters 200 --json "$out/stage_gpu.json"
 step "hypergradient benchmark" 150 $py benchmarks/hypergradient.py --device cuda --repeats 1 --ref-max-iter 0 \
     --json "$out/hypergradient_gpu.json"
+
+# Issue 19 (Ray): the comparison's fine-tuning graph with 4 runs sharing the GPU (Resources(gpus=0.25)) against one
+# at a time, both on a local Ray instance; digits only (--quick), so it fits its limit with Ray's start.
+step "ray packing benchmark" 240 $py benchmarks/ray_speed.py --gpu --pack 4 --quick --json "$out/ray_gpu.json"

@@ -6,6 +6,8 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -71,6 +73,10 @@ def failing_job(attempts: str) -> None:
 
 def pid_and_threads() -> tuple[int, int]:
     return os.getpid(), torch.get_num_threads()
+
+
+def parent_pid() -> int:
+    return os.getppid()
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -182,3 +188,27 @@ def test_an_app_error_fails_the_graph_with_its_key_and_is_not_retried(local_ray,
         run_jobs(jobs, executor="ray", retries=2, progress=False)
     assert e.value.key == "boom" and "failing_job" in e.value.worker_traceback
     assert attempts.read_text().count("attempt") == 1
+
+
+JOIN = """
+import sys
+sys.path[:0] = {path!r}
+import ray
+import test_ray
+from bissl_kit.engine import Job, Resources, run_jobs
+out = run_jobs([Job("a", test_ray.parent_pid, resources=Resources(cpus=1))], executor="ray", address={address!r},
+               progress=False)
+assert not ray.is_initialized()  # disconnected again
+print(out["a"])
+"""
+
+
+def test_a_driver_given_an_address_joins_that_cluster_and_leaves_it_running(local_ray):
+    address = ray.get_runtime_context().gcs_address  # the module's instance, as a cluster another process joins
+    here = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+    proc = subprocess.run([sys.executable, "-c", JOIN.format(path=here, address=address)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    raylets = {p.pid for p in ray_processes() if p.name() == "raylet"}
+    assert int(proc.stdout.split()[-1]) in raylets  # the job ran in a worker of this cluster's node
+    assert run_jobs([Job("b", pid_and_threads)], executor="ray", progress=False)["b"][1] == 1  # still up

@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import sys
@@ -69,6 +70,22 @@ def _worker_pythonpath() -> str:
     return os.pathsep.join(keep)
 
 
+@contextlib.contextmanager
+def _loopback_node():
+    """Ray's local-only mode while ``ray.init`` runs: with clusters "disabled" (what Ray does on macOS and
+    Windows) this process's node address is the loopback one, so a node it starts binds its gRPC servers
+    there (on Linux a plain ray.init advertises and binds the machine's network address), and a driver
+    joining a cluster on 127.0.0.1 looks for its raylet there."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def start_local(*, num_cpus: int | None = None, num_gpus: float | None = None, quiet: bool = True) -> None:
     """Start the local Ray instance the kit uses: every server on 127.0.0.1, no dashboard, the driver's
     import path for the workers. Raises RuntimeError (after shutting it down) if the node came up on a
@@ -76,24 +93,20 @@ def start_local(*, num_cpus: int | None = None, num_gpus: float | None = None, q
     import logging
 
     import ray
-    from ray._private import ray_constants
 
-    # Ray's local-only mode: with clusters "disabled" the node's address is the loopback one and its gRPC
-    # servers bind there (on Linux a plain ray.init advertises and binds the machine's network address)
-    before = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("PYTHONPATH")
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    before = os.environ.get("PYTHONPATH")
     # the workers inherit the raylet's environment, which it takes from this process as it starts (a
     # runtime_env would do the same through Ray's runtime-env agent, and cost the first tasks seconds)
     os.environ["PYTHONPATH"] = _worker_pythonpath()
     try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 dashboard_host="127.0.0.1", logging_level=logging.WARNING if quiet else logging.INFO)
+        with _loopback_node():
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     dashboard_host="127.0.0.1", logging_level=logging.WARNING if quiet else logging.INFO)
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before[0]
-        if before[1] is None:
+        if before is None:
             os.environ.pop("PYTHONPATH", None)
         else:
-            os.environ["PYTHONPATH"] = before[1]
+            os.environ["PYTHONPATH"] = before
     node_ip = ray.util.get_node_ip_address()
     if not _is_loopback(node_ip):
         ray.shutdown()
@@ -109,10 +122,12 @@ def _connect(address: str | None, num_cpus, num_gpus) -> bool:
         return False
     if address is None:
         start_local(num_cpus=num_cpus, num_gpus=num_gpus)
-    else:
-        if num_cpus is not None or num_gpus is not None:
-            raise ConfigError("num_cpus/num_gpus size a local Ray instance; a cluster at address= has its own "
-                              "(set them with `ray start --num-cpus/--num-gpus` on each node)")
+        return True
+    if num_cpus is not None or num_gpus is not None:
+        raise ConfigError("num_cpus/num_gpus size a local Ray instance; a cluster at address= has its own "
+                          "(set them with `ray start --num-cpus/--num-gpus` on each node)")
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    with _loopback_node() if _is_loopback(host) else contextlib.nullcontext():
         ray.init(address=address, logging_level="WARNING")
     return True
 

@@ -1,5 +1,7 @@
 """The job graph and the sequential executor (bissl_kit.engine)."""
 
+import sys
+
 import pytest
 import torch
 
@@ -47,3 +49,9 @@ def test_every_job_runs_with_exactly_its_threads():
                    progress=False)
     assert out == {"one": 1, "two": 2}
     assert torch.get_num_threads() == before
+
+
+def test_the_ray_executor_without_ray_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when the package is not installed
+    with pytest.raises(ImportError, match=r"pip install 'bissl_kit\[ray\]'"):
+        run_jobs([Job("a", add, {"a": 1, "b": 2})], executor="ray", progress=False)

@@ -33,7 +33,7 @@ from .hpo import SearchFailedError
 from .rundir import RunLockedError
 from .compare import CompareConfig
 from .config import Config, ConfigError
-from .data import DataNotFoundError
+from .data import DataNotFoundError, register_from
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
 
@@ -147,6 +147,10 @@ def main(argv=None) -> int:
     for name, cls in STAGES.items():
         p = stage_parsers[name] = sub.add_parser(name, help=f"run the {name} stage", argument_default=argparse.SUPPRESS)
         p.add_argument("--config", help="JSON file with config fields (e.g. a run's config.json)")
+        p.add_argument("--register", action="append", default=[], metavar="MODULE:FUNCTION",
+                       help="import MODULE and call FUNCTION, which registers datasets with "
+                            "bissl_kit.data.register_dataset, before the config is checked (repeatable; "
+                            "$BISSL_DATASETS does the same; docs/data.md)")
         if name == "bissl":
             p.add_argument("--paper-mode", dest="paper_mode", action="store_true", default=False,
                            help="start from the official algorithm's values (PAPER_MODE) instead of ours (FAST_MODE); "
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
                 + f"; `python -m bissl_kit {args.stage} --help` lists the options")
     stage_parser = stage_parsers[args.stage]
     try:
+        for spec in args.register:
+            register_from(spec)
         cfg = config_from_args(STAGES[args.stage], args)
     except (ConfigError, argparse.ArgumentTypeError) as e:
         stage_parser.error(str(e))  # the stage's usage, not the top level's

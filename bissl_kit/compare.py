@@ -53,17 +53,48 @@ MATCHED_CHECKPOINT_EVERY = 50  # pretext steps between checkpoints of the matche
 
 
 def parse_task(task: str) -> tuple[str, int | None]:
-    """'digits' → ('digits', None); 'fashion_mnist:50' → ('fashion_mnist', 50 labelled images per class)."""
-    name, _, n = task.partition(":")
-    if name not in data_mod.DATASETS:
+    """'digits' → ('digits', None); 'fashion_mnist:50' → ('fashion_mnist', 50 labelled images per class);
+    'data/mine' or 'data/mine:5' → a task folder. ':' only ever starts the labels suffix, so a dataset name
+    or a task folder's path cannot hold one (docs/data.md)."""
+    name, colon, n = task.partition(":")
+    try:
+        data_mod.check_dataset_name("tasks", name)
+    except ConfigError:
         raise ConfigError(f"tasks: {task!r} names an unknown dataset {name!r}; each task must be one of "
-                          f"{', '.join(data_mod.DATASETS)}, optionally with ':N' labels per class")
-    if not n:
+                          f"{', '.join(data_mod.DATASETS)}, a registered dataset or a task folder path (with a '/'), "
+                          "optionally with ':N' labels per class") from None
+    if not colon:
         return name, None
+    if ":" in n:
+        raise ConfigError(f"tasks: {task!r} has more than one ':'; ':' only starts the labels per class suffix, so a "
+                          "task folder's path cannot contain one")
     if not n.isdigit() or int(n) < 1:
         raise ConfigError(f"tasks: {task!r}: the part after ':' must be the labelled images per class, an int >= 1 "
                           f"(e.g. '{name}:50')")
     return name, int(n)
+
+
+def dataset_registrations(tasks) -> dict[str, str | None]:
+    """How each registered dataset among ``tasks`` was registered (its 'module:function', or None for one
+    registered by hand, whose command cannot be rerun as written)."""
+    names = dict.fromkeys(parse_task(t)[0] for t in tasks)
+    return {n: data_mod.registration_of(n) for n in names if data_mod.DATASETS.get(n, None) is not None
+            and data_mod.DATASETS[n].kind == "registered"}
+
+
+def rerunnable(command: str | None, registrations: dict) -> str | None:
+    """``command`` with a ``--register`` for each registration it lacks (one made through $BISSL_DATASETS
+    or in a notebook), so that the command in the results reruns in a fresh shell."""
+    if command is None:
+        return None
+    import shlex
+    words = shlex.split(command)
+    have = {words[i + 1] for i, w in enumerate(words[:-1]) if w == "--register"}
+    missing = [s for s in dict.fromkeys(registrations.values()) if s is not None and s not in have]
+    if not missing or "compare" not in words:
+        return command
+    at = words.index("compare") + 1
+    return shlex.join(words[:at] + [w for s in missing for w in ("--register", s)] + words[at:])
 
 
 @dataclass(frozen=True)
@@ -310,7 +341,9 @@ def _run_comparison(cfg: CompareConfig, command, on_run, t_start: float) -> dict
         raise CheckpointError(f"pretrain_checkpoint={cfg.pretrain_checkpoint!r} cannot be used: {e}; it must be "
                               "a pre-training run's checkpoint.pt") from e
     check_earlier_results(cfg, candidates)
-    results = {"kind": "bissl_kit comparison", "command": command, "config": cfg.to_dict(),
+    registrations = dataset_registrations(cfg.tasks)
+    results = {"kind": "bissl_kit comparison", "command": rerunnable(command, registrations), "config": cfg.to_dict(),
+               "registrations": registrations,
                "pretrain": {"checkpoint": str(cfg.pretrain_checkpoint), "steps": pre_ckpt["step"],
                             "config": pre_ckpt["config"]},
                "candidates": [list(c) for c in candidates], "tasks": []}

@@ -78,8 +78,8 @@ class FinetuneConfig(Config):
     backbone_checkpoint: str = param("runs/bissl/checkpoint.pt",
                                      "checkpoint whose backbone is fine-tuned: a pre-training run, a BiSSL run "
                                      "(its lower backbone θ_P) or a compute-matched pretext continuation", resumable=True)
-    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)",
-                            choices=tuple(data_mod.DATASETS))
+    downstream: str = param("digits", "downstream dataset: a name of bissl_kit.data.DATASETS (built-in or registered) "
+                            "or a task folder path (docs/data.md)", check=data_mod.check_dataset_name)
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     labels_seed: int = param(0, "which images a few-label train split keeps (BiSSL's upper level uses 0)", low=0)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)

@@ -30,6 +30,8 @@ from .augment import simclr_specs, two_views
 from .backbones import check_recipe, recipe_of
 from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
+from .data.registry import check_dataset_name
+from .data.pretext import StepBatches, check_pretext_name, default_workers, pretext_fingerprint
 from .evaluate import evaluate_frozen
 from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
@@ -43,7 +45,14 @@ CHECKPOINT_KIND = "pretrain"
 @dataclass(frozen=True)
 class PretrainConfig(Config):
     # Data
-    pretext_dataset: str = param("fashion_mnist", "pretext images (labels unused)", choices=("fashion_mnist",))
+    pretext_dataset: str = param("fashion_mnist", "pretext images (labels unused): 'fashion_mnist' (in memory), 'stl10', "
+                                 "'stl10+train', 'cifar10', 'cifar100', 'imagenet' or a folder of images given as a "
+                                 "path (streamed; docs/data.md)", check=check_pretext_name)
+    loader_workers: int | None = param(None, "processes decoding a streamed pretext set ahead of training; 0 = in the "
+                                       "training process; None = the CPUs, up to 8", low=0, resumable=True)
+    pin_memory: bool = param(True, "pin a streamed set's batches in page-locked memory when training on a GPU",
+                             resumable=True)
+    prefetch_factor: int = param(2, "batches each loader worker decodes ahead", low=1, resumable=True)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
     # 16 px: a SimCLR step costs ~4x less than at 28 px, and the digits are 8x8 to begin with
     image_size: int = param(16, "side of the square training images, in pixels", low=8, high=512)
@@ -97,8 +106,8 @@ class PretrainConfig(Config):
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
                           "pre-training) instead of per-rank shards; no effect in one process", resumable=True)
     # Monitoring
-    eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits)",
-                              choices=("digits", "fashion_mnist"))
+    eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits): a dataset "
+                              "name, a registered one or a task folder path", check=check_dataset_name)
     eval_labels_per_class: int | None = param(None, "labelled train images per class of the k-NN monitor; "
                                               "None = the whole train split", low=1)
     knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end",
@@ -211,8 +220,10 @@ class Pretrainer:
         # rank 0 alone locks the folder, logs and writes checkpoints; every rank resumes from them
         self.run_dir = RunDir(cfg.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
         self.log = self.run_dir.log
-        self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
-        self.run_dir.identity["pretext_data"] = data_mod.fingerprint(self.images)
+        workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+        self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size,
+                                            workers=workers)
+        self.run_dir.identity["pretext_data"] = pretext_fingerprint(self.images)
         if cfg.batch_size > len(self.images):
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
                               f"({len(self.images)} images)")
@@ -225,9 +236,12 @@ class Pretrainer:
         self.mean, self.std = self.view_specs[0].mean, self.view_specs[0].std
         self.knn_train = data_mod.load_downstream(cfg.eval_dataset, "train", root=cfg.data_root,
                                                   image_size=cfg.image_size,
-                                                  labels_per_class=cfg.eval_labels_per_class)
+                                                  labels_per_class=cfg.eval_labels_per_class).materialize()
         self.knn_val = data_mod.load_downstream(cfg.eval_dataset, "val", root=cfg.data_root,
-                                                image_size=cfg.image_size)
+                                                image_size=cfg.image_size).materialize()
+        if self.knn_train.images.shape[1] != channels:
+            raise ConfigError(f"eval_dataset={cfg.eval_dataset!r} has {self.knn_train.images.shape[1]} channel(s) but the "
+                              f"pretext images have {channels}; choose an eval_dataset with {channels} (docs/data.md)")
         self.bn_images = knn_bn_images(self.images)
         self.model = build_model(cfg, channels)
         if self.init is not None:
@@ -250,6 +264,10 @@ class Pretrainer:
                               f"per epoch, which does not split into {distributed.world_size()} equal shards; choose "
                               "another batch_size or partial_batch='drop'")
         self.batches_per_epoch = n // b + (1 if self.partial else 0)
+        # a streamed set: a DataLoader decodes each step's images ahead, in the order batch_indices gives
+        self.batches = StepBatches(self.images, self.batch_indices, stop=cfg.steps, workers=workers,
+                                   pin_memory=cfg.pin_memory and self.device.type == "cuda",
+                                   prefetch_factor=cfg.prefetch_factor)
         self.run_dir.open()  # every check passed: now the folder is ours (a second process is refused)
         try:
             self._resume()
@@ -323,13 +341,17 @@ class Pretrainer:
         of the run it continues."""
         return "pretext" if self.init is None else "matched-pretext"
 
-    def batch(self, step: int) -> torch.Tensor:
-        """The uint8 images of ``step``: epoch e's batches follow a permutation seeded by (seed, e)."""
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """The pretext items of ``step``: epoch e's batches follow a permutation seeded by (seed, e)."""
         epoch, i = divmod(step, self.batches_per_epoch)
-        perm = generator(self.cfg.seed, f"{self.stream}-order", epoch)
-        order = torch.randperm(len(self.images), generator=perm)
-        idx = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        return self.images[idx]
+        if getattr(self, "_order_epoch", None) != epoch:  # one permutation per epoch (ImageNet's takes ~40 ms)
+            perm = generator(self.cfg.seed, f"{self.stream}-order", epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.images), generator=perm), epoch
+        return self._order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The uint8 images of ``step`` (:meth:`batch_indices`), sliced or streamed."""
+        return self.batches.get(step)
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -374,6 +396,7 @@ class Pretrainer:
             yield from self._loop(bar, t0, main)
         finally:
             self.run_dir.close()  # the folder is free for others once the run ends or stops
+            self.batches.close()  # a streamed set's loader workers
         if bar is not None:
             bar.close()
 

@@ -73,7 +73,8 @@ def _pickle(path: Path, obj) -> None:
         pickle.dump(obj, f)
 
 
-def write_stl10(root: Path) -> dict:
+def write_stl10(root: Path, unlabeled: int = 1) -> dict:
+    """STL10's binary files; ``unlabeled`` images of random pixels in unlabeled_X.bin (the pretext set)."""
     base = root / "stl10_binary"
     base.mkdir(parents=True)
     splits = {"train": _labels(4, 5), "test": _labels(4, 2)}
@@ -81,7 +82,8 @@ def write_stl10(root: Path) -> dict:
         # Images are stored column-major (the reader transposes H and W); labels are 1-based.
         _pixels(labels, 96).transpose(0, 1, 3, 2).tofile(base / f"{name}_X.bin")
         (np.array(labels, np.uint8) + 1).tofile(base / f"{name}_y.bin")
-    _pixels([0], 96).tofile(base / "unlabeled_X.bin")
+    noise = np.random.default_rng(1).integers(0, 256, (unlabeled, 3, 96, 96), dtype=np.uint8)
+    noise.transpose(0, 1, 3, 2).tofile(base / "unlabeled_X.bin")
     (base / "class_names.txt").write_text("\n".join(f"class{c}" for c in range(10)))
     return splits
 
@@ -184,3 +186,51 @@ def write_caltech101(root: Path) -> dict:
 WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "stl10": write_stl10,
            "flowers102": write_flowers102, "dtd": write_dtd, "pets": write_pets, "aircraft": write_aircraft,
            "food101": write_food101, "caltech101": write_caltech101}
+
+
+# ---- pretext folders and task folders -----------------------------------------------------------------
+
+def noise_images(n: int, side: int, seed: int = 0) -> np.ndarray:
+    """uint8 n×side×side×3 of random pixels: images that differ, so an order or a mix-up shows."""
+    return np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+
+
+def write_image_folder(root: Path, n: int = 12, side: int = 16) -> list[np.ndarray]:
+    """A pretext folder: ``n`` lossless PNGs of random pixels at several depths (and a text file and an
+    upper-case extension, which a listing must handle); returns the images in the folder's sorted order."""
+    images = noise_images(n, side)
+    names = []
+    for i, img in enumerate(images):
+        rel = Path(*[f"d{j}" for j in range(i % 3)]) / f"img{i:03d}.{'PNG' if i % 4 == 0 else 'png'}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / rel)
+        names.append(str(rel))
+    (root / "README.txt").write_text("not an image")
+    return [images[i] for i in sorted(range(n), key=lambda i: names[i])]
+
+
+def write_imagenet(root: Path, wnids=("n01440764", "n01443537"), per_class: int = 3) -> int:
+    """ImageNet's train folder layout, <root>/imagenet/train/<wnid>/<wnid>_<n>.JPEG; returns the count."""
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            _jpg(root / "imagenet" / "train" / wnid / f"{wnid}_{i}.JPEG", c)
+    return len(wnids) * per_class
+
+
+TASK_CLASSES = ("cat", "dog", "emu")
+
+
+def write_task_folder(root: Path, *, train: int = 10, test: int = 3, val: int | None = None) -> dict:
+    """A downstream task of one's own in ImageFolder layout, <root>/{train,test[,val]}/<class>/<n>.jpg,
+    ``train``/``test``/``val`` images per class; returns {split: labels}. The test folder lacks nothing,
+    but its class folders are written in reverse order (the numbering must come from train/)."""
+    out = {}
+    for split, per in (("train", train), ("test", test), ("val", val)):
+        if per is None:
+            continue
+        classes = TASK_CLASSES if split == "train" else TASK_CLASSES[::-1]
+        for name in classes:
+            for i in range(per):
+                _jpg(root / split / name / f"{split}_{i}.jpg", TASK_CLASSES.index(name))
+        out[split] = sorted(c for c in range(len(TASK_CLASSES)) for _ in range(per))
+    return out

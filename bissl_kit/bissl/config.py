@@ -44,9 +44,12 @@ class BisslConfig(Config):
     # Inputs
     pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt",
                                      "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P", resumable=True)
-    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)", choices=tuple(data_mod.DATASETS))
+    downstream: str = param("digits", "downstream dataset: a name of bissl_kit.data.DATASETS (built-in or registered) "
+                            "or a task folder path (docs/data.md)", check=data_mod.check_dataset_name)
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
+    loader_workers: int | None = param(None, "threads decoding a streamed pretext set's lower batches; None = the "
+                                       "CPUs, up to 8", low=0, resumable=True)
     # Stage counts
     stages: int = param(20, "T: bilevel stages (paper 500)", low=1, resumable=True)
     lower_steps: int = param(20, "N_L: lower (pretext) steps per stage", low=0)

@@ -48,15 +48,20 @@ from __future__ import annotations
 from .batches import iterate_batches
 from .fashion_mnist import (DEBIAN_DIR, DEBIAN_PACKAGE, FMNIST_FILES, FMNIST_SIZES, find_fashion_mnist,
                             prepare_fashion_mnist)
+from .folders import FOLDER_LAYOUT, IMAGE_EXTENSIONS
+from .pretext import STREAMED_PRETEXT, StepBatches, StreamedImages, pretext_fingerprint
 from .readers import MIN_IMAGE_SIZE, Split, fingerprint, load_downstream, load_pretext
-from .registry import (PRETEXT_DATASETS, REPO_ROOT, SPLITS, DataCorruptError, DataNotFoundError, DatasetInfo,
-                       DATASETS, data_roots)
+from .registry import (ENV_VAR, PRETEXT_DATASETS, REPO_ROOT, SPLITS, DataCorruptError, DataNotFoundError, DatasetInfo,
+                       DATASETS, check_dataset_name, data_roots, is_path, register_dataset, register_from,
+                       register_from_env, registration_of)
 from .splits import CALTECH_TRAINVAL_PER_CLASS, DIGITS_TEST_FRACTION, SPLIT_SEED, VAL_FRACTION
 
 __all__ = [
     "DATASETS", "PRETEXT_DATASETS", "SPLITS", "DatasetInfo", "DataNotFoundError", "DataCorruptError",
     "data_roots", "find_fashion_mnist", "prepare_fashion_mnist", "load_pretext", "load_downstream", "Split", "fingerprint",
-    "iterate_batches",
+    "iterate_batches", "register_dataset", "register_from", "register_from_env", "registration_of", "check_dataset_name",
+    "is_path", "ENV_VAR", "FOLDER_LAYOUT", "IMAGE_EXTENSIONS", "STREAMED_PRETEXT", "StreamedImages", "StepBatches",
+    "pretext_fingerprint",
     "REPO_ROOT", "DEBIAN_DIR", "DEBIAN_PACKAGE", "FMNIST_FILES", "FMNIST_SIZES", "MIN_IMAGE_SIZE",
     "SPLIT_SEED", "VAL_FRACTION", "DIGITS_TEST_FRACTION", "CALTECH_TRAINVAL_PER_CLASS",
 ]

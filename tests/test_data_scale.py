@@ -160,3 +160,168 @@ def test_pretraining_on_a_folder_is_seeded_and_resumes_to_the_same_weights(folde
     images = full.images[torch.arange(len(full.images))]
     assert torch.equal(full.batch(4), images[full.batch_indices(4)])
     full.batches.close()
+
+
+# ---- downstream data of one's own: task folders --------------------------------------------------------
+
+def counts(labels):
+    return np.bincount(np.asarray(labels), minlength=len(TASK_CLASSES)).tolist()
+
+
+def test_task_folder_without_val_carves_it_from_train_by_the_kit_rule(tmp_path):
+    write_task_folder(tmp_path / "task", train=10, test=3)
+    name = str(tmp_path / "task")
+    splits = {s: load_downstream(name, s, image_size=16) for s in data.SPLITS}
+    assert {s: counts(d.labels) for s, d in splits.items()} == {"train": [8] * 3, "val": [2] * 3, "test": [3] * 3}
+    assert not set(splits["train"].indices.tolist()) & set(splits["val"].indices.tolist())
+    for d in splits.values():  # the image is the one written for its label, numbered as in train/
+        m = d.materialize()
+        assert m.images.shape[1:] == (3, 16, 16) and m.num_classes == 3
+        assert torch.allclose(m.images.float().mean((1, 2, 3)), torch.tensor([float(shade(y)) for y in m.labels]), atol=4)
+    few = load_downstream(name, "train", image_size=16, labels_per_class=2, seed=1)
+    assert counts(few.labels) == [2] * 3 and set(few.indices.tolist()) <= set(splits["train"].indices.tolist())
+
+
+def test_task_folder_with_val_takes_it_whole(tmp_path):
+    write_task_folder(tmp_path / "task", train=4, test=2, val=3)
+    sizes = {s: counts(load_downstream(str(tmp_path / "task"), s, image_size=16).labels) for s in data.SPLITS}
+    assert sizes == {"train": [4] * 3, "val": [3] * 3, "test": [2] * 3}
+
+
+def test_task_folder_errors_name_the_layout(tmp_path):
+    write_task_folder(tmp_path / "task", train=2, test=1)
+    (tmp_path / "task" / "test" / "yak").mkdir()
+    from fake_datasets import _jpg
+    _jpg(tmp_path / "task" / "test" / "yak" / "y.jpg", 0)
+    with pytest.raises(DataNotFoundError, match="classes that train/ lacks: yak"):
+        load_downstream(str(tmp_path / "task"), "test", image_size=16)
+    (tmp_path / "half" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataNotFoundError, match=r"(?s)half/test is not a folder.*ImageFolder layout"):
+        load_downstream(str(tmp_path / "half"), "train", image_size=16)
+
+
+def test_a_task_is_a_name_or_a_path_and_colon_only_starts_the_labels_suffix(tmp_path):
+    from bissl_kit.compare import parse_task
+    from bissl_kit.finetune import FinetuneConfig
+    assert parse_task("data/mine:5") == ("data/mine", 5) and parse_task("./mine") == ("./mine", None)
+    with pytest.raises(ConfigError, match="more than one ':'"):
+        parse_task("data/a:b:5")
+    with pytest.raises(ConfigError, match="unknown dataset 'mine'"):
+        parse_task("mine:5")
+    with pytest.raises(ConfigError, match=r"downstream='mine' .* './mine'"):
+        FinetuneConfig(downstream="mine")
+
+
+# ---- registered datasets: at any time, and recorded so the command reruns ------------------------------
+
+BLOBS = '''
+import torch
+from bissl_kit.data import register_dataset
+
+
+def load(split, root, image_size):
+    if split == "val":
+        return None  # carved from train by the kit's rule
+    n = 15 if split == "train" else 6
+    labels = torch.arange(n) % 3
+    noise = torch.randint(0, 30, (n, 3, 20, 24), generator=torch.Generator().manual_seed(n))
+    return (labels[:, None, None, None] * 90 + noise).to(torch.uint8), labels
+
+
+def register():
+    register_dataset("blobs", load, num_classes=3, layout="made in memory by blobs_mod.load")
+'''
+
+
+@pytest.fixture
+def blobs(tmp_path, monkeypatch):
+    """A module that registers 'blobs'; the registry is restored afterwards."""
+    from bissl_kit.data import registry
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "blobs_mod.py").write_text(BLOBS)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.setattr(registry, "DATASETS", dict(registry.DATASETS))
+    monkeypatch.setattr(data, "DATASETS", registry.DATASETS)
+    monkeypatch.setattr(registry, "_REGISTERED_BY", [])
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    yield tmp_path / "mods"
+    sys.modules.pop("blobs_mod", None)
+
+
+def test_registration_after_import_is_seen_by_every_config(blobs, monkeypatch):
+    from bissl_kit.bissl import BisslConfig
+    from bissl_kit.finetune import FinetuneConfig
+    with pytest.raises(ConfigError, match="register_dataset"):
+        FinetuneConfig(downstream="blobs")
+    monkeypatch.setenv(data.ENV_VAR, "blobs_mod:register")  # $BISSL_DATASETS is read when a name is checked
+    assert FinetuneConfig(downstream="blobs").downstream == BisslConfig(downstream="blobs").downstream == "blobs"
+    assert data.registration_of("blobs") == "blobs_mod:register"
+    splits = {s: load_downstream("blobs", s, image_size=16) for s in data.SPLITS}
+    assert {s: counts(d.labels) for s, d in splits.items()} == {"train": [4] * 3, "val": [1] * 3, "test": [2] * 3}
+    assert splits["val"].images.shape == (3, 3, 16, 16)  # shorter side to 16, centre crop
+    with pytest.raises(ConfigError, match="cannot import 'nope:register'"):
+        data.register_from("nope:register")
+
+
+def test_registration_rejects_bad_names_and_bad_splits(blobs):
+    with pytest.raises(ValueError, match="built-in dataset"):
+        data.register_dataset("cifar10", lambda *a: None, num_classes=10)
+    with pytest.raises(ValueError, match="without '/' or ':'"):
+        data.register_dataset("my/set", lambda *a: None, num_classes=10)
+    data.register_dataset("bad", lambda split, root, size: (torch.zeros(4, 3, 8, 8), torch.zeros(4)), num_classes=2)
+    with pytest.raises(data.DataCorruptError, match="uint8 N×3×H×W"):
+        load_downstream("bad", "train", image_size=8)
+    assert data.registration_of("bad") is None  # by hand: nothing to rerun it with
+
+
+# ---- end to end: one's own images and task through the command line, and a notebook --------------------
+
+@pytest.fixture
+def chain(tmp_path, blobs, monkeypatch):
+    """pretrain on a folder of images → BiSSL on a task folder and on a registered set → compare, through the
+    command line's main (in this process, so the registration is made from $BISSL_DATASETS)."""
+    from bissl_kit.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(data.ENV_VAR, "blobs_mod:register")
+    write_image_folder(tmp_path / "pics", n=24)
+    write_task_folder(tmp_path / "task", train=6, test=2)
+    common = ["--device", "cpu", "--progress", "false"]
+    assert main(["pretrain", "--pretext-dataset", "pics/", "--eval-dataset", "./task", "--image-size", "16",
+                 "--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--steps", "3", "--batch-size", "8",
+                 "--warmup-steps", "1", "--knn-every", "0", "--knn-k", "3", "--loader-workers", "1",
+                 "--out-dir", "runs/pre", *common]) == 0
+    for task, out in (("./task", "runs/bissl_task"), ("blobs", "runs/bissl_blobs")):
+        assert main(["bissl", "--pretrain-checkpoint", "runs/pre/checkpoint.pt", "--downstream", task, "--stages", "1",
+                     "--lower-steps", "2", "--upper-steps", "1", "--lower-batch-size", "8", "--upper-batch-size", "4",
+                     "--head-warmup-epochs", "1", "--loader-workers", "2", "--out-dir", out, *common]) == 0
+    return tmp_path
+
+
+def test_own_images_and_tasks_run_pretrain_bissl_finetune_compare_and_the_recorded_command_reruns(chain, capsys):
+    import json
+    import os
+    import shlex
+    import subprocess
+    from bissl_kit.__main__ import main
+    assert main(["finetune", "--backbone-checkpoint", "runs/bissl_task/checkpoint.pt", "--downstream", "./task",
+                 "--epochs", "1", "--batch-size", "4", "--out-dir", "runs/ft", "--device", "cpu", "--progress",
+                 "false"]) == 0
+    assert "val top-1" in capsys.readouterr().out
+    argv = ["compare", "--pretrain-checkpoint", "runs/pre/checkpoint.pt", "--tasks", "./task", "blobs:2",
+            "--bissl-runs", "runs/bissl_task", "runs/bissl_blobs", "--trials", "1", "--seeds", "1", "--epochs", "1",
+            "--batch-size", "4", "--probe", "false", "--out-dir", "runs/cmp", "--device", "cpu", "--progress", "false"]
+    with pytest.raises(SystemExit) as stop:  # blobs:2 (2 labels per class) is not the task the BiSSL run did
+        main(argv)
+    assert stop.value.code == 2 and "is for task 'blobs', not 'blobs:2'" in capsys.readouterr().err
+    argv[argv.index("blobs:2")] = "blobs"
+    assert main(argv) == 0
+    results = json.loads((chain / "runs/cmp/comparison.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == ["./task", "blobs"]
+    assert results["registrations"] == {"blobs": "blobs_mod:register"}
+    words = shlex.split(results["command"])
+    assert words[:5] == ["python", "-m", "bissl_kit", "compare", "--register"] and words[5] == "blobs_mod:register"
+    env = {k: v for k, v in os.environ.items() if k != data.ENV_VAR}  # a fresh shell: no $BISSL_DATASETS
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), str(chain / "mods")])
+    again = subprocess.run([sys.executable, *words[1:]], cwd=chain, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((chain / "runs/cmp/comparison.json").read_text())["tasks"] == results["tasks"]

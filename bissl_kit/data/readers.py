@@ -160,13 +160,12 @@ def load_pretext(name="fashion_mnist", *, root=None, image_size=28, search=None,
 def _registered_split(info: DatasetInfo, split: str, root, image_size: int):
     """(images resized and centre-cropped to image_size, labels, official) of a registered dataset's split;
     official is False when its loader gave no val split, which is then carved from train."""
-    got = info.loader(split, root, image_size)
-    official = got is not None
+    val = None if split == "test" else info.loader("val", root, image_size)
+    official = split == "test" or val is not None  # no val: train and val are carved from the loader's train
+    got = val if split == "val" and val is not None else info.loader("train" if split == "val" else split, root, image_size)
     if got is None:
-        if split != "val":
-            raise DataNotFoundError(f"{info.name}: its registered loader returned None for the {split!r} split; only "
-                                    "'val' may be None (it is then carved from train)")
-        got = info.loader("train", root, image_size)
+        raise DataNotFoundError(f"{info.name}: its registered loader returned None for the {split!r} split; only "
+                                "'val' may be None (it is then carved from train)")
     images, labels = got
     images, labels = torch.as_tensor(images), np.asarray(labels, dtype=np.int64).reshape(-1)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != info.channels or len(images) != len(labels):

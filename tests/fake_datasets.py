@@ -183,9 +183,73 @@ def write_caltech101(root: Path) -> dict:
     return {"all": labels}
 
 
+def write_cars(root: Path) -> dict:
+    """Stanford Cars: images in cars_train/ and cars_test/, the annotations as .mat struct arrays
+    (fname, class 1-based) the way torchvision's StanfordCars reads them (scipy's loadmat, squeeze_me)."""
+    from scipy.io import savemat
+    base = root / "stanford_cars"
+    splits = {"train": _labels(3, 5), "test": _labels(3, 2)}
+    for split, labels in splits.items():
+        folder = base / f"cars_{split}"
+        annos = np.zeros(len(labels), dtype=[("fname", "O"), ("class", "O")])
+        for i, y in enumerate(labels):
+            _jpg(folder / f"{i + 1:05d}.jpg", y)
+            annos[i] = (f"{i + 1:05d}.jpg", np.uint8(y + 1))
+        mat = base / ("devkit/cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat")
+        mat.parent.mkdir(parents=True, exist_ok=True)
+        savemat(mat, {"annotations": annos[None, :]})
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array([[f"Car {c}" for c in range(196)]], dtype="O")})
+    return splits
+
+
+SUN_CLASSES = ("/a/abbey", "/b/bakery/shop", "/c/campus")  # SUN397's class names; some have two levels
+
+
+def write_sun397(root: Path) -> dict:
+    """SUN397's folders <letter>/<class>/sun_<id>.jpg, ClassName.txt, and partition 1's lists (4 train, 2 test
+    per class here; 50 and 50 in the real lists), with one image per class in neither."""
+    base = root / "SUN397"
+    base.mkdir(parents=True)
+    (base / "ClassName.txt").write_text("\n".join(SUN_CLASSES) + "\n")
+    lists = {"train": [], "test": []}
+    splits = {"train": [], "test": []}
+    for y, cls in enumerate(SUN_CLASSES):
+        for i in range(7):
+            rel = f"{cls}/sun_{y}{i:04d}.jpg"
+            _jpg(base / rel.lstrip("/"), y)
+            split = "train" if i < 4 else "test" if i < 6 else None
+            if split:
+                lists[split].append(rel)
+                splits[split].append(y)
+    (base / "Partitions").mkdir()
+    (base / "Partitions" / "Training_01.txt").write_text("\n".join(lists["train"]) + "\n")
+    (base / "Partitions" / "Testing_01.txt").write_text("\n".join(lists["test"]) + "\n")
+    return splits
+
+
+def write_cub200(root: Path) -> dict:
+    """CUB-200-2011's lists (images.txt, image_class_labels.txt 1-based, train_test_split.txt 1 = train) and
+    images/<nnn.Class>/<file>.jpg; ids are listed out of order (the split must not depend on it)."""
+    base = root / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    rows, splits = [], {"train": [], "test": []}
+    for i, y in enumerate(_labels(3, 6), 1):
+        train = i % 3 != 0
+        rel = f"{classes[y]}/{classes[y].split('.')[1]}_{i:04d}.jpg"
+        _jpg(base / "images" / rel, y)
+        rows.append((i, rel, y + 1, int(train)))
+        splits["train" if train else "test"].append(y)
+    rows = rows[::-1]
+    (base / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (base / "image_class_labels.txt").write_text("".join(f"{i} {y}\n" for i, _, y, _ in rows))
+    (base / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
+    return splits
+
+
 WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "stl10": write_stl10,
            "flowers102": write_flowers102, "dtd": write_dtd, "pets": write_pets, "aircraft": write_aircraft,
-           "food101": write_food101, "caltech101": write_caltech101}
+           "food101": write_food101, "caltech101": write_caltech101, "cars": write_cars, "sun397": write_sun397,
+           "cub200": write_cub200}
 
 
 # ---- pretext folders and task folders -----------------------------------------------------------------

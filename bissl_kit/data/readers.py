@@ -104,13 +104,16 @@ def _reader_labels(ds) -> np.ndarray:
     for attr in ("targets", "labels", "_labels", "y"):
         if getattr(ds, attr, None) is not None:
             return np.asarray(getattr(ds, attr), dtype=np.int64)
+    if getattr(ds, "_samples", None) is not None:  # StanfordCars: (file, label) pairs
+        return np.asarray([y for _, y in ds._samples], dtype=np.int64)
     raise TypeError(f"cannot find the labels of {type(ds).__name__} (looked for targets, labels, _labels, y)")
 
 
 def _open_paper(info: DatasetInfo, kwargs: dict, root, search, image_size: int, download: bool):
     """Construct the torchvision reader, turning its errors into ours (which say what to put where)."""
     import torchvision.datasets
-    cls = getattr(torchvision.datasets, info.reader)
+    from . import more_readers
+    cls = getattr(more_readers, info.reader, None) or getattr(torchvision.datasets, info.reader)
     roots = data_roots(root, search)
     found = next((r for r in roots if (r / info.folder).is_dir()), None)
     if found is not None:
@@ -121,7 +124,7 @@ def _open_paper(info: DatasetInfo, kwargs: dict, root, search, image_size: int, 
             try:
                 cls(roots[0], download=True, **kwargs)
                 found = roots[0]
-            except (OSError, RuntimeError) as e:  # no network: URLError (an OSError) at once
+            except (OSError, RuntimeError, ValueError) as e:  # no network: URLError (an OSError); StanfordCars: ValueError
                 why = f"torchvision download into {roots[0]} failed: {e}"
         if found is None:
             raise DataNotFoundError(

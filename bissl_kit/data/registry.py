@@ -93,6 +93,18 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
            "<root>/caltech101/101_ObjectCategories/<category>/image_0001.jpg ...  (101_ObjectCategories"
            ".tar.gz extracted into <root>/caltech101; BACKGROUND_Google must be there, it is dropped)",
            {}),  # one unsplit set; see _caltech_split
+    _paper("cars", "StanfordCars", 196, "stanford_cars/devkit",
+           "<root>/stanford_cars/{cars_train/<file>.jpg, cars_test/<file>.jpg, cars_test_annos_withlabels.mat,"
+           " devkit/{cars_meta.mat, cars_train_annos.mat}}  (the Stanford Cars archives and devkit, extracted)",
+           _tv("train", "test")),
+    _paper("sun397", "SUN397Partition", 397, "SUN397",
+           "<root>/SUN397/{ClassName.txt, <letter>/<class>/sun_<id>.jpg, Partitions/{Training_01,Testing_01}.txt}"
+           "  (SUN397.tar.gz extracted into <root>, Partitions.zip into <root>/SUN397/Partitions)",
+           _tv("train", "test", partition=1)),
+    _paper("cub200", "CUB200", 200, "CUB_200_2011/images",
+           "<root>/CUB_200_2011/{images/<class>/<file>.jpg, images.txt, image_class_labels.txt,"
+           " train_test_split.txt}  (CUB_200_2011.tgz, extracted)",
+           _tv("train", "test")),
 ]}
 # the pretext sets by name (a folder of images is given as its path): Fashion-MNIST in memory, the rest
 # streamed (bissl_kit.data.pretext)

@@ -39,9 +39,22 @@ def bissl_fields() -> list[str]:
     return [f for f in BisslConfig.field_names() if f not in FIXED_BISSL_FIELDS]
 
 
-def parse_value(text: str):
-    """A point's value as written: 'none' → None, JSON numbers and booleans as such, anything else a string
-    (the config it lands in checks its type and range)."""
+def _field_hint(field: str | None):
+    import typing
+    from ..bissl import BisslConfig
+    for cls in (BisslConfig, CompareConfig):
+        if field in cls.field_names():
+            return typing.get_type_hints(cls)[field]
+    return None
+
+
+def parse_value(text: str, field: str | None = None):
+    """A point's value as written: 'none' → None (a string where the field is a plain string: solver='none'),
+    JSON numbers and booleans as such, anything else a string (the config it lands in checks its type and
+    range)."""
+    hint = _field_hint(field)
+    if hint is str:
+        return text
     if text.lower() == "none":
         return None
     try:
@@ -62,7 +75,7 @@ def parse_point(text: str) -> tuple[str, dict]:
         field, eq, value = part.partition("=")
         if not eq or not field:
             raise ConfigError(f"points: {text!r}: {part!r} must be field=value")
-        fields[field.strip()] = parse_value(value.strip())
+        fields[field.strip()] = parse_value(value.strip(), field.strip())
     return name, fields
 
 
@@ -94,7 +107,7 @@ class SweepConfig(CompareConfig):
                 raise ConfigError(f"points: the name {name!r} must be usable as a folder name")
 
     def point_list(self) -> list[tuple[str, dict]]:
-        pts = [(f"{self.field}={v}", {self.field: parse_value(v)}) for v in self.values] if self.field else []
+        pts = [(f"{self.field}={v}", {self.field: parse_value(v, self.field)}) for v in self.values] if self.field else []
         return pts + [parse_point(p) for p in self.points]
 
     def point_config(self, name: str, fields: dict) -> tuple[CompareConfig, dict]:

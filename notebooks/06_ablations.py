@@ -15,7 +15,7 @@
 # term is the downstream gradient at θ_P itself, the first-order approximation; beside MINRES-1 (a
 # rescaled v) and MINRES-5 or the official layerwise-5, it answers whether the solve matters at all.
 #
-# The demo default is small (digits, two points, two BiSSL replicates, a tiny search) and reuses the runs
+# The demo default is small (digits, x = v against MINRES-1, two BiSSL replicates, a tiny search) and reuses the runs
 # of notebooks 01 and 02; runs that points share (the matched continuations and their searches) are run
 # once. The committed ablation (`results/ablations/`) is shown at the end when it is there.
 
@@ -39,9 +39,9 @@ tasks = ("digits",)
 bissl_runs = ("../runs/bissl",)         # per task a BiSSL template: notebook 02's run, or a JSON of BiSSL fields
 bissl_replicates = 2                    # R BiSSL runs per point (stage seeds seed, seed + 1, ...)
 arms = ("baseline_matched", "bissl")
-points = ("x=v:solver=none", "MINRES-1:solver=minres,solver_iters=1")  # named bundles of fields
-field = None                            # or one field swept over values, e.g. "lam"
-values = ()                             # e.g. ("1e-3", "1e-2", "1e-1")
+field = "solver"                        # one field over values: x is v ('none') against MINRES-1
+values = ("none", "minres")             # e.g. field "lam" over ("1e-3", "1e-2", "1e-1")
+points = ()                             # named bundles of several fields (see above); run after field's points
 trials = 2                              # search trials per arm (the committed ablation: results/ablations/)
 seeds = 2                               # fine-tuning seeds per arm
 epochs = 2                              # fine-tuning epochs of every run

@@ -7,7 +7,8 @@ an earlier run; options given on the command line override it. The same command 
 
 Stages: ``pretrain`` (PretrainConfig), ``bissl`` (BisslConfig; ``--paper-mode`` as notebook 02's
 ``paper_mode``, ``--preset`` for the official V1/V3 settings), ``finetune`` (FinetuneConfig) and
-``compare`` (CompareConfig). Paths are relative to the working directory
+``compare`` (CompareConfig) and ``sweep`` (SweepConfig: a replicated comparison per point of a field
+or of named bundles, ``--points 'MINRES-5:solver=minres,solver_iters=5'``). Paths are relative to the working directory
 (the notebooks' parameters are relative to ``notebooks/``).
 """
 
@@ -34,6 +35,7 @@ from .rundir import RunLockedError
 from .compare import CompareConfig
 from .config import Config, ConfigError
 from .data import DataNotFoundError, register_from
+from .experiments.sweep import SweepConfig
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
 
@@ -41,7 +43,7 @@ from .pretrain import PretrainConfig, Pretrainer
 USER_ERRORS = (ConfigError, CheckpointError, DataNotFoundError, RunLockedError, SearchFailedError, OSError)
 
 STAGES: dict[str, type[Config]] = {"pretrain": PretrainConfig, "bissl": BisslConfig, "finetune": FinetuneConfig,
-                                   "compare": CompareConfig}
+                                   "compare": CompareConfig, "sweep": SweepConfig}
 
 
 def _parse_value(text: str, hint):
@@ -237,6 +239,16 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
         if cfg.figures_dir is not None:  # the comparison writes text; its figure needs plotly, imported here only
             from .viz.compare import export_comparison
             figure = export_comparison(results, cfg)
+            print(f"figure: {', '.join(str(p) for p in figure.values())}")
+    elif args.stage == "sweep":
+        from .experiments.sweep import run_sweep, sweep_table
+        command = shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
+        sweep = run_sweep(cfg, command=command)
+        print(sweep_table(sweep))
+        print(f"done in {sweep['seconds']:.0f} s: {cfg.results_dir or cfg.out_dir}/sweep.{{json,csv,md}}")
+        if cfg.figures_dir is not None:
+            from .viz.sweep import export_sweep
+            figure = export_sweep(sweep, cfg.figures_dir, cfg.sweep_stem)
             print(f"figure: {', '.join(str(p) for p in figure.values())}")
     return 0
 

@@ -62,7 +62,8 @@ class BisslConfig(Config):
     # Hypergradient solver
     # the defaults are the implicit engine's RECOMMENDED_SOLVER (one MINRES iteration; docs/benchmarks.md)
     solver: str = param(RECOMMENDED_SOLVER["solver"], "'layerwise' (official per-tensor recursion), 'cg' (true "
-                        "conjugate gradient) or 'minres' (valid when A = I + H/(λ+δ) is indefinite)",
+                        "conjugate gradient), 'minres' (valid when A = I + H/(λ+δ) is indefinite) or 'none' (no solve: x = v, "
+                        "the first-order approximation)",
                         choices=tuple(SOLVERS))
     solver_iters: int | None = param(None, "K: solver iterations; None = the solver's default (5 for 'layerwise' and "
                                      "'cg', the official count; 1 for 'minres')", low=1)
@@ -123,6 +124,8 @@ class BisslConfig(Config):
     @property
     def resolved_solver_iters(self) -> int:
         """K as run: ``solver_iters``, or the solver's default when it is None."""
+        if self.solver == "none":  # no solve, so no iterations, whatever a template left in solver_iters
+            return 0
         return self.solver_iters if self.solver_iters is not None else DEFAULT_ITERS[self.solver]
 
     def identity(self) -> dict:
@@ -130,6 +133,8 @@ class BisslConfig(Config):
         return {**super().identity(), "solver_iters": self.resolved_solver_iters}
 
     def check(self):
+        if self.solver == "none" and self.warm_start != "none":
+            raise ConfigError(f"warm_start={self.warm_start!r} needs a solver; solver='none' (x = v) has no start")
         if self.solver == "layerwise" and self.warm_start != "none":
             raise ConfigError(f"warm_start={self.warm_start!r} needs solver='cg'; the layerwise recursion "
                               "always starts at x = 0")

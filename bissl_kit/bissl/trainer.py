@@ -253,7 +253,8 @@ class BisslTrainer(StageState):
         self.lower.train()
         self.upper.train()
         self.head.train()
-        op = self.hessian_operator()
+        # x = v needs no Hessian: building it would cost the products and (bn_stats='update') drift BatchNorm
+        op = None if c.solver == "none" else self.hessian_operator()
         opts = dict(solver=c.solver, max_iter=c.resolved_solver_iters, rtol=c.solver_rtol, warm_start=c.warm_start,
                     nonfinite=c.nonfinite)
         solver = HypergradientSolver(op, **opts)

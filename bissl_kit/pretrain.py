@@ -27,11 +27,10 @@ import torch
 from . import data as data_mod
 from . import distributed
 from .augment import simclr_specs, two_views
-from .backbones import check_recipe, recipe_of
+from .backbones import ARCH_RULE, build as build_backbone, check_arch, check_recipe, recipe_of
 from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
 from .evaluate import evaluate_frozen
-from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
 from .pretext import METHODS, PRETEXT_FORWARDS, build_pretext
 from .rng import generator, resolve_device
@@ -48,9 +47,10 @@ class PretrainConfig(Config):
     # 16 px: a SimCLR step costs ~4x less than at 28 px, and the digits are 8x8 to begin with
     image_size: int = param(16, "side of the square training images, in pixels", low=8, high=512)
     # Model
-    arch: str = param("resnet18", "backbone architecture", choices=tuple(ARCHS))
-    width: int = param(16, "channels of layer1 (64 = standard ResNet, 16 = narrow CPU default)", low=1, high=512)
-    small_stem: bool = param(True, "3×3 stride-1 stem without max-pool (for small images)")
+    arch: str = param("resnet18", f"backbone architecture: {ARCH_RULE} (bissl_kit.backbones)", check=check_arch)
+    width: int = param(16, "channels of layer1 of the kit's ResNets (64 = standard ResNet, 16 = narrow CPU default)",
+                       low=1, high=512)
+    small_stem: bool = param(True, "the kit's ResNets: 3×3 stride-1 stem without max-pool (for small images)")
     method: str = param("simclr", "pretext method", choices=METHODS)
     temperature: float = param(0.2, "SimCLR NT-Xent temperature τ (the paper: 0.5)", low=0, low_inclusive=False)
     byol_ema: float = param(0.99, "BYOL target EMA momentum", low=0, high=1, high_inclusive=False)

@@ -106,6 +106,11 @@ class FinetuneConfig(Config):
     checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1, resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
+    @classmethod
+    def paper(cls, **overrides) -> "FinetuneConfig":
+        """The paper's fine-tuning (every version, spec §2.2, §2.6; bissl_kit.presets): 400 epochs, batch 256."""
+        from .presets import finetune_values
+        return cls.from_dict({**finetune_values(), **overrides})
 
 
 # ---- where the backbone comes from ------------------------------------------------------------------

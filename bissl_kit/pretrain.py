@@ -126,6 +126,19 @@ class PretrainConfig(Config):
             raise ConfigError(f"lowres_size={self.lowres_size!r} must be (min, max) with 1 <= min <= max <= "
                               f"image_size={self.image_size}")
 
+    # the paper's settings (bissl_kit.presets, each value with its spec §); options given override them
+    @classmethod
+    def paper_iclr(cls, *, baseline: bool = False, **overrides) -> "PretrainConfig":
+        """V1: ResNet-18, SimCLR on STL10 unlabeled+train at 96 px, 500 epochs (600 with ``baseline=True``)."""
+        from .presets import pretrain_values
+        return cls.from_dict({**pretrain_values("iclr", baseline=baseline), **overrides})
+
+    @classmethod
+    def paper_neurips(cls, *, method: str = "simclr", **overrides) -> "PretrainConfig":
+        """V3: ResNet-50, SimCLR or BYOL (EMA 0.9995) on ImageNet at 96 px, 500 epochs."""
+        from .presets import pretrain_values
+        return cls.from_dict({**pretrain_values("neurips", method=method), **overrides})
+
     # what a saved config without these fields (written before they existed) ran with
     SAVED_DEFAULTS: ClassVar[dict] = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "joint",
                                       "partial_batch": "drop", "official_first_step": False, "init_checkpoint": None}

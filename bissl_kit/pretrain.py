@@ -25,7 +25,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, speed
 from .augment import simclr_specs, two_views
 from .backbones import ARCH_RULE, build as build_backbone, check_arch, check_recipe, recipe_of
 from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
@@ -93,7 +93,9 @@ class PretrainConfig(Config):
     init_checkpoint: str | None = param(None, "start from this pre-training checkpoint's weights instead of a random "
                                         "initialisation (a continued run; the architecture fields must match it)",
                                         resumable=True)
-    bf16: bool = param(False, "bfloat16 autocast for forward passes (faster on recent CPUs and GPUs; docs/benchmarks.md)")
+    bf16: bool = speed.bf16_param()
+    channels_last: bool = speed.channels_last_param()
+    compile: bool = speed.compile_param()
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
                           "pre-training) instead of per-rank shards; no effect in one process", resumable=True)
     # Monitoring
@@ -248,7 +250,7 @@ class Pretrainer:
             load_state(self.model, self.init["model"], where=cfg.init_checkpoint)
             if hasattr(self.model, "reset_target"):
                 self.model.reset_target()  # BYOL: the target restarts from the online weights, as in BiSSL
-        self.model.to(self.device)
+        speed.memory_format(self.model.to(self.device), cfg.channels_last)
         self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum)
         self.step = 0
@@ -272,7 +274,7 @@ class Pretrainer:
         if cfg.sync_bn and distributed.is_distributed():
             distributed.convert_sync_batchnorm(self.model)
         # model.loss, through DistributedDataParallel under torchrun (gradients averaged across ranks)
-        self.loss_fn = distributed.loss_module(self.model)
+        self.loss_fn = speed.compiled(distributed.loss_module(self.model), cfg.compile)
 
     # ---- persistence ---------------------------------------------------------------------------
     @property
@@ -352,8 +354,9 @@ class Pretrainer:
         x = self.batch(step).to(self.device)
         v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, f"{self.stream}-views", step))
         v1, v2 = distributed.shard(v1), distributed.shard(v2)  # this rank's part of the global batch
+        v1, v2 = speed.inputs(v1, cfg.channels_last), speed.inputs(v2, cfg.channels_last)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with speed.autocast(self.device, cfg.bf16):
             loss = self.loss_fn(v1, v2)
         value = distributed.mean_value(loss.detach())  # the global batch's loss
         if not torch.isfinite(value):

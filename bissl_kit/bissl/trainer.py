@@ -124,7 +124,7 @@ class BisslTrainer(StageState):
         """This rank's shard of the two views of the global pretext batch ``idx`` (the whole batch
         in one process)."""
         v1, v2 = self.data.pretext_views(idx, tag)
-        return (speed.inputs(distributed.shard(v), self.cfg.channels_last) for v in (v1, v2))
+        return tuple(speed.inputs(distributed.shard(v), self.cfg.channels_last) for v in (v1, v2))
 
     def _downstream(self, idx: torch.Tensor, tag: tuple):
         """This rank's part of a downstream batch and the weight of its mean loss (1 in one process and

@@ -38,3 +38,7 @@ step "stage benchmark" 300 $py benchmarks/stage.py --device cuda --repeats 3 \
     --ref-rtol 1e-2 --ref-iters 200 --json "$out/stage_gpu.json"
 step "hypergradient benchmark" 150 $py benchmarks/hypergradient.py --device cuda --repeats 1 --ref-max-iter 0 \
     --json "$out/hypergradient_gpu.json"
+# issue 18: pre-training images/s with each speed option against its ceiling (ResNet-18, 96 px, batch 1024);
+# compile's first steps compile for a minute or two, so it has the larger share of the limit
+step "pretrain speed" 240 $py benchmarks/pretrain_speed.py --device cuda \
+    --options off,bf16,channels_last,bf16+channels_last,bf16+channels_last+compile --json "$out/pretrain_speed_gpu.json"

@@ -162,6 +162,7 @@ def main(argv=None) -> int:
                                 "per-dataset upper lr/wd), paper_neurips_byol (V3, BYOL's); options given override "
                                 "them, and what the preset derives (the lower warm-up, the upper lr) follows them")
         add_config_options(p, cls)
+    stage_parsers["reproduce"] = _reproduce_parser(sub)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # a misspelt option: the stage's usage, and the closest option it has
         p = stage_parsers[args.stage]
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
         p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else "")
                 + f"; `python -m bissl_kit {args.stage} --help` lists the options")
     stage_parser = stage_parsers[args.stage]
+    if args.stage == "reproduce":
+        return _reproduce(args, parser, stage_parser)
     try:
         for spec in args.register:
             register_from(spec)
@@ -194,6 +197,43 @@ def main(argv=None) -> int:
                                                            "width", "image_size") if hasattr(cfg, k))
         stage_parser.exit(2, f"{parser.prog} {args.stage}: error: the run does not fit in memory ({sizes}); "
                              f"lower the batch size, the width or the image size ({str(e).splitlines()[0][:200]})\n")
+
+
+def _reproduce_parser(sub) -> argparse.ArgumentParser:
+    from .reproduce import PRESETS
+    p = sub.add_parser("reproduce", help="the paper's chain: pretrain → BiSSL → compare per set (bissl_kit.reproduce)")
+    p.add_argument("--preset", required=True, choices=tuple(PRESETS), help="the paper version whose settings run")
+    p.add_argument("--method", default="simclr", choices=("simclr", "byol"), help="pretext method (BYOL: paper_neurips)")
+    p.add_argument("--datasets", nargs="+", default=None, help="downstream sets (default: the preset's)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale every count by F: max(1, round(count·F))")
+    p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override a field of a stage's config (stages: pretrain, bissl, compare), after the budget")
+    p.add_argument("--out", default="runs/reproduce", help="the chain's folder: one run folder per step")
+    p.add_argument("--device", default="auto", help="where every stage runs")
+    p.add_argument("--data-root", dest="data_root", default=None, help="dataset root of every stage")
+    p.add_argument("--measure-steps", dest="measure_steps", type=int, default=2,
+                   help="steps timed per stage for the projection")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the projection only")
+    return p
+
+
+def _reproduce(args, parser, stage_parser) -> int:
+    from . import reproduce
+    try:
+        steps = reproduce.plan(args.preset, out=args.out, datasets=args.datasets, budget=args.budget,
+                               method=args.method, sets=args.sets, device=args.device, data_root=args.data_root)
+    except ConfigError as e:
+        stage_parser.error(str(e))
+    try:
+        rows = reproduce.project(steps, k=args.measure_steps)
+        print(f"projected time on this machine ({args.measure_steps} timed steps per stage):")
+        print(reproduce.projection_table(rows), flush=True)
+        if not args.dry_run:
+            reproduce.run(steps, args.out, log=lambda s: print(s, flush=True))
+            print(f"done: {args.out}/done.json")
+    except USER_ERRORS as e:
+        stage_parser.exit(2, f"{parser.prog} reproduce: error: {e}\n")
+    return 0
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -169,6 +169,13 @@ class CompareConfig(Config):
             if lo > hi:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be (low, high) with low <= high")
 
+    @classmethod
+    def paper(cls, version: str = "iclr", **overrides) -> "CompareConfig":
+        """The paper's search and seed runs (bissl_kit.presets, spec §2.2, §3): 400 epochs, 200 (ICLR) or
+        100 (NeurIPS) trials over the official ranges, 10 seeds."""
+        from .presets import compare_values
+        return cls.from_dict({**compare_values(version), **overrides})
+
     def finetune_config(self, task: str, backbone: str, out_dir: str) -> FinetuneConfig:
         """The fine-tuning config every run of ``task`` shares (lr, wd and seed are set by the search)."""
         name, labels = parse_task(task)

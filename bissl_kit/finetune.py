@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, speed
 from .augment import augment
 from .backbones import LoadedBackbone, load_backbone, rebuild, recipe_of
 from .checkpoint import CheckpointError, load_checkpoint, load_state
@@ -90,6 +90,9 @@ class FinetuneConfig(Config):
                       low=0, low_inclusive=False)
     weight_decay: float = param(5e-4, "coupled weight decay of SGD, on all parameters (V2's default 5e-4)", low=0)
     momentum: float = param(0.9, "SGD momentum", low=0, high=1, high_inclusive=False)
+    bf16: bool = speed.bf16_param()
+    channels_last: bool = speed.channels_last_param()
+    compile: bool = speed.compile_param()
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm) instead of each "
                           "rank's part; no effect in one process", resumable=True)
     # Evaluation
@@ -106,6 +109,11 @@ class FinetuneConfig(Config):
     checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1, resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
+    @classmethod
+    def paper(cls, **overrides) -> "FinetuneConfig":
+        """The paper's fine-tuning (every version, spec §2.2, §2.6; bissl_kit.presets): 400 epochs, batch 256."""
+        from .presets import finetune_values
+        return cls.from_dict({**finetune_values(), **overrides})
 
 
 # ---- where the backbone comes from ------------------------------------------------------------------
@@ -195,7 +203,7 @@ class Finetuner:
                               f"of {cfg.backbone_checkpoint!r} takes {self.backbone.in_channels}")
         torch.manual_seed(cfg.seed)  # the head's initialisation is the only draw from the global generator
         self.head = linear_head(self.backbone.feat_dim, data.num_classes)
-        self.backbone.to(self.device)
+        speed.memory_format(self.backbone.to(self.device), cfg.channels_last)
         self.head.to(self.device)
         self.optimizer = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -224,7 +232,7 @@ class Finetuner:
             distributed.convert_sync_batchnorm(self.backbone)  # same parameters and buffers, in place
         # backbone → head; under torchrun through DistributedDataParallel (gradients averaged across ranks,
         # rank 0's parameters and buffers broadcast when it is built)
-        self.model = distributed.data_parallel(nn.Sequential(self.backbone, self.head))
+        self.model = speed.compiled(distributed.data_parallel(nn.Sequential(self.backbone, self.head)), cfg.compile)
 
     def parameters(self):
         return list(self.backbone.parameters()) + list(self.head.parameters())
@@ -297,7 +305,8 @@ class Finetuner:
             # rank's part of it; ``weight`` scales its mean loss to its share of the global mean
             x = augment(images, self.data.train_spec, generator(cfg.seed, "finetune-augment", epoch, b))
             (x, labels), weight = distributed.split(x.to(self.head.weight.dtype), labels)
-            loss = F.cross_entropy(self.model(x), labels)
+            with speed.autocast(self.device, cfg.bf16):
+                loss = F.cross_entropy(self.model(speed.inputs(x, cfg.channels_last)), labels)
             if weight != 1.0:
                 loss = loss * weight
             value = distributed.mean_value(loss.detach())  # the global batch's loss, the same on every rank

@@ -25,15 +25,14 @@ from typing import ClassVar, Iterator
 import torch
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, speed
 from .augment import simclr_specs, two_views
-from .backbones import check_recipe, recipe_of
+from .backbones import ARCH_RULE, build as build_backbone, check_arch, check_recipe, recipe_of
 from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
 from .data.registry import check_dataset_name
 from .data.pretext import StepBatches, check_pretext_name, default_workers, pretext_fingerprint
 from .evaluate import evaluate_frozen
-from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
 from .pretext import METHODS, PRETEXT_FORWARDS, build_pretext
 from .rng import generator, resolve_device
@@ -57,9 +56,10 @@ class PretrainConfig(Config):
     # 16 px: a SimCLR step costs ~4x less than at 28 px, and the digits are 8x8 to begin with
     image_size: int = param(16, "side of the square training images, in pixels", low=8, high=512)
     # Model
-    arch: str = param("resnet18", "backbone architecture", choices=tuple(ARCHS))
-    width: int = param(16, "channels of layer1 (64 = standard ResNet, 16 = narrow CPU default)", low=1, high=512)
-    small_stem: bool = param(True, "3×3 stride-1 stem without max-pool (for small images)")
+    arch: str = param("resnet18", f"backbone architecture: {ARCH_RULE} (bissl_kit.backbones)", check=check_arch)
+    width: int = param(16, "channels of layer1 of the kit's ResNets (64 = standard ResNet, 16 = narrow CPU default)",
+                       low=1, high=512)
+    small_stem: bool = param(True, "the kit's ResNets: 3×3 stride-1 stem without max-pool (for small images)")
     method: str = param("simclr", "pretext method", choices=METHODS)
     temperature: float = param(0.2, "SimCLR NT-Xent temperature τ (the paper: 0.5)", low=0, low_inclusive=False)
     byol_ema: float = param(0.99, "BYOL target EMA momentum", low=0, high=1, high_inclusive=False)
@@ -102,7 +102,9 @@ class PretrainConfig(Config):
     init_checkpoint: str | None = param(None, "start from this pre-training checkpoint's weights instead of a random "
                                         "initialisation (a continued run; the architecture fields must match it)",
                                         resumable=True)
-    bf16: bool = param(False, "bfloat16 autocast for forward passes (faster on recent CPUs and GPUs; docs/benchmarks.md)")
+    bf16: bool = speed.bf16_param()
+    channels_last: bool = speed.channels_last_param()
+    compile: bool = speed.compile_param()
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
                           "pre-training) instead of per-rank shards; no effect in one process", resumable=True)
     # Monitoring
@@ -134,6 +136,19 @@ class PretrainConfig(Config):
         if self.lowres_size is not None and not (self.lowres_size[0] <= self.lowres_size[1] <= self.image_size):
             raise ConfigError(f"lowres_size={self.lowres_size!r} must be (min, max) with 1 <= min <= max <= "
                               f"image_size={self.image_size}")
+
+    # the paper's settings (bissl_kit.presets, each value with its spec §); options given override them
+    @classmethod
+    def paper_iclr(cls, *, baseline: bool = False, **overrides) -> "PretrainConfig":
+        """V1: ResNet-18, SimCLR on STL10 unlabeled+train at 96 px, 500 epochs (600 with ``baseline=True``)."""
+        from .presets import pretrain_values
+        return cls.from_dict({**pretrain_values("iclr", baseline=baseline), **overrides})
+
+    @classmethod
+    def paper_neurips(cls, *, method: str = "simclr", **overrides) -> "PretrainConfig":
+        """V3: ResNet-50, SimCLR or BYOL (EMA 0.9995) on ImageNet at 96 px, 500 epochs."""
+        from .presets import pretrain_values
+        return cls.from_dict({**pretrain_values("neurips", method=method), **overrides})
 
     # what a saved config without these fields (written before they existed) ran with
     SAVED_DEFAULTS: ClassVar[dict] = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "joint",
@@ -249,7 +264,7 @@ class Pretrainer:
             load_state(self.model, self.init["model"], where=cfg.init_checkpoint)
             if hasattr(self.model, "reset_target"):
                 self.model.reset_target()  # BYOL: the target restarts from the online weights, as in BiSSL
-        self.model.to(self.device)
+        speed.memory_format(self.model.to(self.device), cfg.channels_last)
         self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum)
         self.step = 0
@@ -277,7 +292,7 @@ class Pretrainer:
         if cfg.sync_bn and distributed.is_distributed():
             distributed.convert_sync_batchnorm(self.model)
         # model.loss, through DistributedDataParallel under torchrun (gradients averaged across ranks)
-        self.loss_fn = distributed.loss_module(self.model)
+        self.loss_fn = speed.compiled(distributed.loss_module(self.model), cfg.compile)
 
     # ---- persistence ---------------------------------------------------------------------------
     @property
@@ -361,8 +376,9 @@ class Pretrainer:
         x = self.batch(step).to(self.device)
         v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, f"{self.stream}-views", step))
         v1, v2 = distributed.shard(v1), distributed.shard(v2)  # this rank's part of the global batch
+        v1, v2 = speed.inputs(v1, cfg.channels_last), speed.inputs(v2, cfg.channels_last)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with speed.autocast(self.device, cfg.bf16):
             loss = self.loss_fn(v1, v2)
         value = distributed.mean_value(loss.detach())  # the global batch's loss
         if not torch.isfinite(value):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import data as data_mod
+from .. import speed
 from ..config import Config, ConfigError, device_param, param
 from ..implicit import DEFAULT_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS
 
@@ -118,6 +119,10 @@ class BisslConfig(Config):
     device: str = device_param()
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (bissl_kit.distributed.SyncBatchNorm, "
                           "exact against one process) instead of per-rank shards (official); no effect in one process")
+    # bissl_kit.speed: channels_last is valid here; bf16 and compile are not (double backward), and are errors
+    channels_last: bool = speed.channels_last_param()
+    bf16: bool = param(False, "not valid in the BiSSL stage (an error naming why; bissl_kit.speed)")
+    compile: bool = param(False, "not valid in the BiSSL stage (an error naming why; bissl_kit.speed)")
     out_dir: str = param("runs/bissl", "run directory: checkpoint, metrics, config", resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
@@ -135,6 +140,7 @@ class BisslConfig(Config):
     def check(self):
         if self.solver == "none" and self.warm_start != "none":
             raise ConfigError(f"warm_start={self.warm_start!r} needs a solver; solver='none' (x = v) has no start")
+        speed.check_bissl(self)
         if self.solver == "layerwise" and self.warm_start != "none":
             raise ConfigError(f"warm_start={self.warm_start!r} needs solver='cg'; the layerwise recursion "
                               "always starts at x = 0")

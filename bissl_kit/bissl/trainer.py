@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from .. import distributed, speed
 from ..config import ConfigError
 from ..evaluate import accuracy_topk
 from ..implicit import AveragedOperator, HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers, rank_mean
@@ -124,12 +124,13 @@ class BisslTrainer(StageState):
         """This rank's shard of the two views of the global pretext batch ``idx`` (the whole batch
         in one process)."""
         v1, v2 = self.data.pretext_views(idx, tag)
-        return distributed.shard(v1), distributed.shard(v2)
+        return tuple(speed.inputs(distributed.shard(v), self.cfg.channels_last) for v in (v1, v2))
 
     def _downstream(self, idx: torch.Tensor, tag: tuple):
         """This rank's part of a downstream batch and the weight of its mean loss (1 in one process and
         for equal shards; a kept partial batch may split unevenly, see :func:`distributed.split`)."""
         x, y = self.data.downstream_batch(idx, tag)
+        x = speed.inputs(x, self.cfg.channels_last)
         if len(x) % distributed.world_size() == 0:
             return distributed.shard(x), distributed.shard(y), 1.0
         (x, y), weight = distributed.split(x, y)

@@ -153,6 +153,9 @@ class PretrainConfig(Config):
     # what a saved config without these fields (written before they existed) ran with
     SAVED_DEFAULTS: ClassVar[dict] = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "joint",
                                       "partial_batch": "drop", "official_first_step": False, "init_checkpoint": None}
+    # between 4bfaaad and 6f9ba7b (2026-12-01) None meant the augmentation chain's own choice
+    SAVED_NONE: ClassVar[dict] = {"pretext_forward": lambda v: "per_view" if v.get("paper_augment") else "joint",
+                                  "partial_batch": lambda v: "keep" if v.get("paper_augment") else "drop"}
 
     # the fields a continued run must share with the run it continues (the network and what it sees)
     ARCHITECTURE: ClassVar[tuple] = ("pretext_dataset", "image_size", "arch", "width", "small_stem", "method",

@@ -253,8 +253,8 @@ VOC_FAKE_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "ca
 def write_voc2007(root: Path, per_split: dict | None = None, seed: int = 0) -> dict:
     """VOC2007 as the trainval and test archives extract: VOCdevkit/VOC2007/{JPEGImages/<id>.jpg,
     Annotations/<id>.xml, ImageSets/Main/{train,val,test}.txt}. Each image holds 1–3 objects of random classes
-    (some marked ``<difficult>1</difficult>``); its shade encodes its first object's class. Returns, per split,
-    (multi-hot float N×20, difficult-only bool N×20) in the order of the split's list."""
+    (some marked ``<difficult>1</difficult>``); its shade is :func:`shade` of its first object's class mod 6. Returns,
+    per split, (multi-hot float N×20, difficult-only bool N×20, shade classes) in the order of the split's list."""
     rng = np.random.default_rng(seed)
     base = root / "VOCdevkit" / "VOC2007"
     (base / "ImageSets" / "Main").mkdir(parents=True)
@@ -262,12 +262,13 @@ def write_voc2007(root: Path, per_split: dict | None = None, seed: int = 0) -> d
     per_split = per_split or {"train": 12, "val": 10, "test": 10}
     out, next_id = {}, 1
     for split, n in per_split.items():
-        ids, present, easy = [], np.zeros((n, 20), bool), np.zeros((n, 20), bool)
+        ids, shades, present, easy = [], [], np.zeros((n, 20), bool), np.zeros((n, 20), bool)
         for i in range(n):
             name = f"{next_id:06d}"
             next_id += 1
             objects = [(int(c), bool(rng.random() < 0.3)) for c in rng.integers(0, 20, rng.integers(1, 4))]
-            _jpg(base / "JPEGImages" / f"{name}.jpg", objects[0][0] % 6)
+            shades.append(objects[0][0] % 6)
+            _jpg(base / "JPEGImages" / f"{name}.jpg", shades[-1])
             xml = "".join(f"<object><name>{VOC_FAKE_CLASSES[c]}</name><pose>Unspecified</pose><truncated>0</truncated>"
                           f"<difficult>{int(d)}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
                           f"<ymax>5</ymax></bndbox></object>" for c, d in objects)
@@ -279,7 +280,7 @@ def write_voc2007(root: Path, per_split: dict | None = None, seed: int = 0) -> d
                 easy[i, c] |= not d
             ids.append(name)
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{x}\n" for x in ids))
-        out[split] = (present.astype(np.float32), present & ~easy)
+        out[split] = (present.astype(np.float32), present & ~easy, shades)
     return out
 
 

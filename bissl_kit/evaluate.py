@@ -375,6 +375,9 @@ def evaluate_frozen(backbone: nn.Module, train: tuple[torch.Tensor, torch.Tensor
     holds them. ``knn_k`` None skips the k-NN; ``probe`` (the :func:`linear_probe` settings: epochs, lr,
     weight_decay) adds the probe; ``silhouette`` (a metric, 'cosine' or 'euclidean') adds the silhouette
     of the eval split's true classes."""
+    if train[1].ndim != 1 or evaluation[1].ndim != 1:
+        raise ValueError("evaluate_frozen: labels must be one class index per image; a multi-label set (VOC07) has no "
+                         "k-NN, probe or silhouette here (bissl_kit.downstream.frozen_metrics skips them)")
     train_f, eval_f = frozen_features(backbone, train[0], evaluation[0], mean=mean, std=std, bn_images=bn_images,
                                       device=device)
     out = FrozenEvaluation(bn, eval_features=eval_f if keep_features else None)

@@ -135,3 +135,48 @@ def test_voc07_absent_names_its_layout_and_few_label_is_refused(tmp_path):
     from bissl_kit.config import ConfigError
     with pytest.raises(ConfigError, match="multi-label"):
         load_downstream("voc07", "train", root=tmp_path, search=[], labels_per_class=2, download=False)
+
+
+# ---- end to end through the command line ------------------------------------------------------------------
+
+def test_voc07_runs_bissl_and_finetune_from_the_cli_and_reports_map(tmp_path, monkeypatch, capsys):
+    import json
+    from bissl_kit.__main__ import main
+    from fake_datasets import write_image_folder
+    monkeypatch.chdir(tmp_path)
+    write_voc2007(tmp_path / "voc", {"train": 12, "val": 10, "test": 8})
+    write_image_folder(tmp_path / "pics", n=16)
+    write_image_folder(tmp_path / "task" / "train" / "a", n=4, side=16)
+    write_image_folder(tmp_path / "task" / "train" / "b", n=4, side=16)
+    write_image_folder(tmp_path / "task" / "test" / "a", n=2, side=16)
+    common = ["--device", "cpu", "--progress", "false"]
+    assert main(["pretrain", "--pretext-dataset", "pics/", "--eval-dataset", "./task", "--image-size", "16",
+                 "--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--steps", "2", "--batch-size", "8",
+                 "--warmup-steps", "1", "--knn-every", "0", "--knn-k", "3", "--loader-workers", "1",
+                 "--out-dir", "runs/pre", *common]) == 0
+    voc = ["--downstream", "voc07", "--data-root", str(tmp_path / "voc")]
+    assert main(["bissl", "--pretrain-checkpoint", "runs/pre/checkpoint.pt", *voc, "--stages", "2", "--lower-steps", "1",
+                 "--upper-steps", "1", "--lower-batch-size", "8", "--upper-batch-size", "4", "--head-warmup-epochs", "1",
+                 "--loader-workers", "1", "--out-dir", "runs/bissl", *common]) == 0
+    stages = [json.loads(line) for line in (tmp_path / "runs/bissl/metrics.jsonl").read_text().splitlines()]
+    stages = [r for r in stages if r.get("kind") == "stage"]
+    assert [r["stage"] for r in stages] == [0, 1, 2] and all(0 < r["val_map"] <= 1 and "val_top1" not in r for r in stages)
+    assert "val mAP" in capsys.readouterr().out
+    for loss in ("softmax_ce", "bce"):
+        assert main(["finetune", "--backbone-checkpoint", "runs/bissl/checkpoint.pt", *voc, "--epochs", "2",
+                     "--batch-size", "4", "--select", "best_val", "--multilabel-loss", loss, "--out-dir", f"runs/ft_{loss}",
+                     *common]) == 0
+        out = capsys.readouterr().out
+        assert "val mAP" in out and "test mAP" in out and "top-1" not in out
+        final = [json.loads(line) for line in (tmp_path / f"runs/ft_{loss}/metrics.jsonl").read_text().splitlines()][-1]
+        assert final["kind"] == "final" and 0 < final["test_map"] <= 1 and final["n_test"] == 8
+        assert final["best_val_map"] >= final["val_map"] and "11-point" in final["test_protocol"]
+        assert f"multilabel_loss={loss}" in final["test_protocol"]
+    # the two losses train different models from the same seed
+    finals = [json.loads((tmp_path / f"runs/ft_{h}/metrics.jsonl").read_text().splitlines()[-1]) for h in ("softmax_ce", "bce")]
+    assert finals[0]["val_loss"] != finals[1]["val_loss"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--backbone-checkpoint", "runs/bissl/checkpoint.pt", *voc, "--multilabel-loss", "hinge",
+              "--out-dir", "runs/bad", *common])
+    assert exit_.value.code == 2
+    assert "multilabel_loss" in capsys.readouterr().err and not (tmp_path / "runs/bad").exists()

@@ -139,44 +139,66 @@ def test_voc07_absent_names_its_layout_and_few_label_is_refused(tmp_path):
 
 # ---- end to end through the command line ------------------------------------------------------------------
 
-def test_voc07_runs_bissl_and_finetune_from_the_cli_and_reports_map(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def voc_chain(tmp_path_factory):
+    """A fake VOC2007, a 2-step pre-training on a folder of images and a 2-stage BiSSL run on voc07, via the CLI."""
     import json
     from bissl_kit.__main__ import main
     from fake_datasets import write_image_folder
-    monkeypatch.chdir(tmp_path)
-    write_voc2007(tmp_path / "voc", {"train": 12, "val": 10, "test": 8})
-    write_image_folder(tmp_path / "pics", n=16)
-    write_image_folder(tmp_path / "task" / "train" / "a", n=4, side=16)
-    write_image_folder(tmp_path / "task" / "train" / "b", n=4, side=16)
-    write_image_folder(tmp_path / "task" / "test" / "a", n=2, side=16)
+    root = tmp_path_factory.mktemp("voc_chain")
+    write_voc2007(root / "voc", {"train": 12, "val": 10, "test": 8})
+    write_image_folder(root / "pics", n=16)
+    for part, n in (("train/a", 4), ("train/b", 4), ("test/a", 2)):
+        write_image_folder(root / "task" / part, n=n, side=16)
     common = ["--device", "cpu", "--progress", "false"]
-    assert main(["pretrain", "--pretext-dataset", "pics/", "--eval-dataset", "./task", "--image-size", "16",
+    assert main(["pretrain", "--pretext-dataset", f"{root}/pics/", "--eval-dataset", f"{root}/task", "--image-size", "16",
                  "--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--steps", "2", "--batch-size", "8",
                  "--warmup-steps", "1", "--knn-every", "0", "--knn-k", "3", "--loader-workers", "1",
-                 "--out-dir", "runs/pre", *common]) == 0
-    voc = ["--downstream", "voc07", "--data-root", str(tmp_path / "voc")]
-    assert main(["bissl", "--pretrain-checkpoint", "runs/pre/checkpoint.pt", *voc, "--stages", "2", "--lower-steps", "1",
-                 "--upper-steps", "1", "--lower-batch-size", "8", "--upper-batch-size", "4", "--head-warmup-epochs", "1",
-                 "--loader-workers", "1", "--out-dir", "runs/bissl", *common]) == 0
-    stages = [json.loads(line) for line in (tmp_path / "runs/bissl/metrics.jsonl").read_text().splitlines()]
-    stages = [r for r in stages if r.get("kind") == "stage"]
+                 "--out-dir", f"{root}/runs/pre", *common]) == 0
+    voc = ["--downstream", "voc07", "--data-root", str(root / "voc")]
+    assert main(["bissl", "--pretrain-checkpoint", f"{root}/runs/pre/checkpoint.pt", *voc, "--stages", "2",
+                 "--lower-steps", "1", "--upper-steps", "1", "--lower-batch-size", "8", "--upper-batch-size", "4",
+                 "--head-warmup-epochs", "1", "--loader-workers", "1", "--out-dir", f"{root}/runs/bissl", *common]) == 0
+    stages = [json.loads(line) for line in (root / "runs/bissl/metrics.jsonl").read_text().splitlines()]
+    return root, voc, common, [r for r in stages if r.get("kind") == "stage"]
+
+
+def test_voc07_runs_bissl_and_finetune_from_the_cli_and_reports_map(voc_chain, capsys):
+    import json
+    from bissl_kit.__main__ import main
+    root, voc, common, stages = voc_chain
     assert [r["stage"] for r in stages] == [0, 1, 2] and all(0 < r["val_map"] <= 1 and "val_top1" not in r for r in stages)
-    assert "val mAP" in capsys.readouterr().out
     for loss in ("softmax_ce", "bce"):
-        assert main(["finetune", "--backbone-checkpoint", "runs/bissl/checkpoint.pt", *voc, "--epochs", "2",
-                     "--batch-size", "4", "--select", "best_val", "--multilabel-loss", loss, "--out-dir", f"runs/ft_{loss}",
-                     *common]) == 0
+        assert main(["finetune", "--backbone-checkpoint", f"{root}/runs/bissl/checkpoint.pt", *voc, "--epochs", "2",
+                     "--batch-size", "4", "--select", "best_val", "--multilabel-loss", loss,
+                     "--out-dir", f"{root}/runs/ft_{loss}", *common]) == 0
         out = capsys.readouterr().out
         assert "val mAP" in out and "test mAP" in out and "top-1" not in out
-        final = [json.loads(line) for line in (tmp_path / f"runs/ft_{loss}/metrics.jsonl").read_text().splitlines()][-1]
+        final = [json.loads(line) for line in (root / f"runs/ft_{loss}/metrics.jsonl").read_text().splitlines()][-1]
         assert final["kind"] == "final" and 0 < final["test_map"] <= 1 and final["n_test"] == 8
         assert final["best_val_map"] >= final["val_map"] and "11-point" in final["test_protocol"]
         assert f"multilabel_loss={loss}" in final["test_protocol"]
     # the two losses train different models from the same seed
-    finals = [json.loads((tmp_path / f"runs/ft_{h}/metrics.jsonl").read_text().splitlines()[-1]) for h in ("softmax_ce", "bce")]
+    finals = [json.loads((root / f"runs/ft_{h}/metrics.jsonl").read_text().splitlines()[-1]) for h in ("softmax_ce", "bce")]
     assert finals[0]["val_loss"] != finals[1]["val_loss"]
     with pytest.raises(SystemExit) as exit_:
-        main(["finetune", "--backbone-checkpoint", "runs/bissl/checkpoint.pt", *voc, "--multilabel-loss", "hinge",
-              "--out-dir", "runs/bad", *common])
+        main(["finetune", "--backbone-checkpoint", f"{root}/runs/bissl/checkpoint.pt", *voc, "--multilabel-loss", "hinge",
+              "--out-dir", f"{root}/runs/bad", *common])
     assert exit_.value.code == 2
-    assert "multilabel_loss" in capsys.readouterr().err and not (tmp_path / "runs/bad").exists()
+    assert "multilabel_loss" in capsys.readouterr().err and not (root / "runs/bad").exists()
+
+
+@pytest.mark.slow
+def test_voc07_comparison_searches_on_val_map_and_tables_test_map(voc_chain):
+    import json
+    from bissl_kit.__main__ import main
+    root, voc, common, _ = voc_chain
+    assert main(["compare", "--pretrain-checkpoint", f"{root}/runs/pre/checkpoint.pt", "--tasks", "voc07", "--data-root",
+                 str(root / "voc"), "--bissl-runs", f"{root}/runs/bissl", "--trials", "1", "--seeds", "1", "--epochs", "1",
+                 "--batch-size", "4", "--probe", "false", "--out-dir", f"{root}/runs/cmp", *common]) == 0
+    results = json.loads((root / "runs/cmp/comparison.json").read_text())
+    arms = results["tasks"][0]["arms"]
+    assert all(0 < a["test_map"]["mean"] <= 1 and "test_top1" not in a and a["frozen"]["knn"] is None for a in arms.values())
+    assert all("multi-label" in a["frozen"]["knn_protocol"] for a in arms.values())
+    table = (root / "runs/cmp/comparison.md").read_text()
+    assert " mAP |" in table and "selected on val mAP" in table

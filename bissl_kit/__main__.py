@@ -36,6 +36,7 @@ from .compare import CompareConfig
 from .config import Config, ConfigError
 from .data import DataNotFoundError, register_from
 from .experiments.sweep import SweepConfig
+from .downstream import metrics_text
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
 
@@ -254,20 +255,18 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
         trainer = build_trainer(cfg)
         for rec in trainer.run():
             if rec.get("kind") == "stage":
-                print(f"stage {rec['stage']}: val top-1 {rec.get('val_top1', float('nan')):.2%}, "
-                      f"‖θ_P − θ_D‖ {rec['distance']:.3g}", flush=True)
+                print(f"stage {rec['stage']}: {metrics_text(rec, 'val')}, ‖θ_P − θ_D‖ {rec['distance']:.3g}", flush=True)
         print(f"done: {cfg.out_dir}/checkpoint.pt (stage {trainer.stage})")
     elif args.stage == "finetune":
         from .finetune import Finetuner
         tuner = Finetuner(cfg)
         for rec in tuner.run():
-            if rec.get("kind") == "epoch" and "val_top1" in rec:
-                print(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.3f}, val top-1 {rec['val_top1']:.2%}",
-                      flush=True)
+            if rec.get("kind") == "epoch" and "val_loss" in rec:
+                print(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.3f}, {metrics_text(rec, 'val')}", flush=True)
         res = tuner.result
-        print(f"val top-1 {res['val_top1']:.2%}, top-5 {res['val_top5']:.2%} ({res['protocol']})")
-        if "test_top1" in res:
-            print(f"test top-1 {res['test_top1']:.2%}, top-5 {res['test_top5']:.2%} ({res['test_protocol']})")
+        print(f"{metrics_text(res, 'val')} ({res['protocol']})")
+        if "test_protocol" in res:
+            print(f"{metrics_text(res, 'test')} ({res['test_protocol']})")
         print(f"done: {cfg.out_dir}/checkpoint.pt")
     elif args.stage == "compare":
         from .compare import run_comparison

@@ -315,7 +315,7 @@ def _run_comparison(cfg: CompareConfig, command, on_run, t_start: float, overrid
             arm_entry = {"backbone": plan["backbones"][arm], "source": done[p["frozen"]]["source"],
                          "frozen": done[p["frozen"]]["frozen"], "chosen": search["chosen"], "trials": search["trials"],
                          "seeds": seeds, "failed_seeds": len(seeds) - len(ok)}
-            for metric in ("test_top1", "test_top5"):
+            for metric in test_metrics(data.multilabel):
                 arm_entry[metric] = mean_ci([s[metric] for s in ok]) if ok else None
             if ok:
                 arm_entry["test_protocol"] = ok[0]["test_protocol"].replace(f"seed {ok[0]['seed']}",
@@ -339,6 +339,11 @@ def relative_distance(a: torch.nn.Module, b: torch.nn.Module, *, reference: torc
     return math.sqrt(num / den)
 
 
+def test_metrics(multilabel: bool) -> tuple[str, ...]:
+    """The test numbers an arm reports: top-1/top-5, or mAP for a multi-label task (VOC07)."""
+    return ("test_map",) if multilabel else ("test_top1", "test_top5")
+
+
 def paired_comparisons(arms: dict) -> list[dict]:
     """BiSSL against each baseline present (else matched against plain), paired by seed, on test top-1/top-5."""
     pairs = [("bissl", b) for b in ("baseline_matched", "baseline") if "bissl" in arms and b in arms]
@@ -349,7 +354,8 @@ def paired_comparisons(arms: dict) -> list[dict]:
         sa = {s["seed"]: s for s in arms[a]["seeds"] if s["status"] == "ok"}
         sb = {s["seed"]: s for s in arms[b]["seeds"] if s["status"] == "ok"}
         common = sorted(set(sa) & set(sb))
-        for metric in ("test_top1", "test_top5"):
+        multilabel = any("test_map" in s for s in arms[a]["seeds"] + arms[b]["seeds"])
+        for metric in test_metrics(multilabel):
             res = paired_ttest([sa[s][metric] for s in common], [sb[s][metric] for s in common]) if common else None
             out.append({"a": a, "b": b, "metric": metric, "seeds": common, **(res or {"n": 0})})
     return out

@@ -257,6 +257,9 @@ class Pretrainer:
                                                   labels_per_class=cfg.eval_labels_per_class).materialize()
         self.knn_val = data_mod.load_downstream(cfg.eval_dataset, "val", root=cfg.data_root,
                                                 image_size=cfg.image_size).materialize()
+        if self.knn_train.multilabel:
+            raise ConfigError(f"eval_dataset={cfg.eval_dataset!r} is multi-label; the k-NN monitor votes for one class "
+                              "per image, so eval_dataset must be a single-label set (docs/data.md)")
         if self.knn_train.images.shape[1] != channels:
             raise ConfigError(f"eval_dataset={cfg.eval_dataset!r} has {self.knn_train.images.shape[1]} channel(s) but the "
                               f"pretext images have {channels}; choose an eval_dataset with {channels} (docs/data.md)")

@@ -24,7 +24,7 @@ ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-mat
 
 # the BiSSL run of each row last, so that the columns before replication keep their places
 CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "run",
-              "test_protocol", "bissl_seed", "bissl_run")
+              "test_protocol", "bissl_seed", "bissl_run", "val_map", "test_map")
 
 
 def csv_text(results: dict) -> str:
@@ -57,14 +57,15 @@ def _run_label(results: dict, t: dict) -> str:
 def comparison_table(results: dict) -> str:
     """The Markdown tables the README quotes: per arm, then the paired differences (per BiSSL run), then,
     with several BiSSL replicates, the test over them."""
-    lines = ["| task | pipeline | n | test top-1 % (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
+    lines = ["| task | pipeline | n | test top-1 % or mAP (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
              "| k-NN test % | linear probe test % |", "|---|---|---|---|---|---|---|---|"]
     edges = []
     for t in results["tasks"]:
         for arm, a in t["arms"].items():
-            m1, m5 = a["test_top1"], a["test_top5"]
-            top1 = f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" if m1 else "failed"
-            top5 = f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
+            multilabel = "test_map" in a  # VOC07: its mAP (×100) in the top-1 column, no top-5
+            m1, m5 = (a["test_map"], None) if multilabel else (a["test_top1"], a["test_top5"])
+            top1 = (f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" + (" mAP" if multilabel else "")) if m1 else "failed"
+            top5 = "—" if multilabel else f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
             label = ARM_LABELS[arm] + (f" (+{t['matched_extra_steps']} pretext steps)" if arm == "baseline_matched" else "")
             # results written before the search recorded its edges carry none
             edge = a["chosen"].get("edges") or []
@@ -124,7 +125,8 @@ def protocol_text(results: dict) -> str:
             f"- **{t['task']}** ({t['n_train']} train / {t['n_val']} val / {t['n_test']} test images). Every arm: "
             f"random search of {c['trials']} (lr, wd) pairs shared by all arms (log-uniform, lr in "
             f"[{c['lr_range'][0]:g}, {c['lr_range'][1]:g}], wd in [{c['wd_range'][0]:g}, {c['wd_range'][1]:g}]), "
-            f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
+            f"selected on val {'mAP' if 'test_map' in arm0 else 'top-1'} "
+            f"of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
             f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
             + (f"{len(seeds)} BiSSL runs (stage seeds {', '.join(map(str, seeds))}), each: " if len(seeds) > 1 else "")
             + f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "

@@ -246,6 +246,44 @@ def write_cub200(root: Path) -> dict:
     return splits
 
 
+VOC_FAKE_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+                    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def write_voc2007(root: Path, per_split: dict | None = None, seed: int = 0) -> dict:
+    """VOC2007 as the trainval and test archives extract: VOCdevkit/VOC2007/{JPEGImages/<id>.jpg,
+    Annotations/<id>.xml, ImageSets/Main/{train,val,test}.txt}. Each image holds 1–3 objects of random classes
+    (some marked ``<difficult>1</difficult>``); its shade is :func:`shade` of its first object's class mod 6. Returns,
+    per split, (multi-hot float N×20, difficult-only bool N×20, shade classes) in the order of the split's list."""
+    rng = np.random.default_rng(seed)
+    base = root / "VOCdevkit" / "VOC2007"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "Annotations").mkdir()
+    per_split = per_split or {"train": 12, "val": 10, "test": 10}
+    out, next_id = {}, 1
+    for split, n in per_split.items():
+        ids, shades, present, easy = [], [], np.zeros((n, 20), bool), np.zeros((n, 20), bool)
+        for i in range(n):
+            name = f"{next_id:06d}"
+            next_id += 1
+            objects = [(int(c), bool(rng.random() < 0.3)) for c in rng.integers(0, 20, rng.integers(1, 4))]
+            shades.append(objects[0][0] % 6)
+            _jpg(base / "JPEGImages" / f"{name}.jpg", shades[-1])
+            xml = "".join(f"<object><name>{VOC_FAKE_CLASSES[c]}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                          f"<difficult>{int(d)}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+                          f"<ymax>5</ymax></bndbox></object>" for c, d in objects)
+            (base / "Annotations" / f"{name}.xml").write_text(
+                f"<annotation><folder>VOC2007</folder><filename>{name}.jpg</filename><size><width>{WIDTH}</width>"
+                f"<height>{HEIGHT}</height><depth>3</depth></size><segmented>0</segmented>{xml}</annotation>")
+            for c, d in objects:
+                present[i, c] = True
+                easy[i, c] |= not d
+            ids.append(name)
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{x}\n" for x in ids))
+        out[split] = (present.astype(np.float32), present & ~easy, shades)
+    return out
+
+
 WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "stl10": write_stl10,
            "flowers102": write_flowers102, "dtd": write_dtd, "pets": write_pets, "aircraft": write_aircraft,
            "food101": write_food101, "caltech101": write_caltech101, "cars": write_cars, "sun397": write_sun397,

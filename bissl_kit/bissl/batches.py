@@ -92,6 +92,7 @@ class BilevelData:
     downstream_batch: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]]
     val: tuple[torch.Tensor, torch.Tensor] | None = None
     num_classes: int | None = None
+    val_difficult: torch.Tensor | None = None  # multi-label val split: the images AP ignores per class (VOC07)
     identity: dict = field(default_factory=dict)  # fingerprints of the data, checked when a run resumes
 
 
@@ -139,4 +140,4 @@ def build_data(cfg: BisslConfig, pre_cfg, device: torch.device) -> BilevelData:
                 "downstream_data": data_mod.fingerprint(train.images, train.labels, val.images, val.labels)}
     return BilevelData(len(images), len(train.labels), pretext_views, downstream_batch,
                        val=(normalize(val.images.to(device), mean, std), val.labels.to(device)),
-                       num_classes=train.num_classes, identity=identity)
+                       num_classes=train.num_classes, identity=identity, val_difficult=val.difficult)

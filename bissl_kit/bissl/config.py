@@ -16,6 +16,7 @@ from .. import data as data_mod
 from .. import speed
 from ..config import Config, ConfigError, device_param, param
 from ..implicit import DEFAULT_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS
+from ..losses import MULTILABEL_LOSSES
 
 CHECKPOINT_KIND = "bissl"
 
@@ -25,7 +26,7 @@ PAPER_MODE = dict(solver=PAPER_SOLVER["solver"], solver_iters=PAPER_SOLVER["max_
                   warm_start=PAPER_SOLVER["warm_start"], nonfinite=PAPER_SOLVER["nonfinite"], hvp="recompute",
                   hessian_batch="fresh", hessian_batches=1, bn_stats="update", official_first_step=True,
                   pretext_forward="per_view", partial_batch="keep", upper_short_loader="cycle",
-                  nonfinite_loss="continue")
+                  nonfinite_loss="continue", multilabel_loss="softmax_ce")
 # V3's upper lr / weight decay per downstream set and pretext method (spec §2.5, from its models/*.json),
 # under the kit's dataset names; the other V3 settings are the same for every set
 PAPER_NEURIPS_UPPER = {
@@ -112,6 +113,9 @@ class BisslConfig(Config):
     upper_lr: float = param(0.015, "upper SGD base lr (also the head warm-up lr)", low=0, low_inclusive=False)
     upper_weight_decay: float = param(0.01, "upper SGD weight decay (coupled, as torch.optim.SGD)", low=0)
     upper_momentum: float = param(0.9, "upper SGD momentum", low=0, high=1, high_inclusive=False)
+    multilabel_loss: str = param("softmax_ce", "upper-level (and head warm-up) loss of a multi-label task (VOC07): "
+                                 "softmax CE on the multi-hot vector (official, C15) or per-class sigmoid BCE; "
+                                 "fine-tuning has the same field", choices=MULTILABEL_LOSSES)
     upper_clip: float | None = param(10.0, "clip norm of the upper gradients (θ_D, φ_D); None = off", low=0, low_inclusive=False)
     official_first_step: bool = param(True, "schedules run their first step at the full base lr (official, C13)")
     # Running

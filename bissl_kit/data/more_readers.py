@@ -73,3 +73,54 @@ class SUN397Partition(Dataset):
     def __getitem__(self, i: int):
         image = _pil(self.files[i])
         return (self.transform(image) if self.transform else image), self._labels[i]
+
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+class VOC2007(Dataset):
+    """PASCAL VOC2007 classification: the official ImageSets/Main lists (train, val, test) as torchvision's
+    VOCDetection reads them, each image labelled by a 20-dim multi-hot vector of the classes of its objects.
+
+    ``_labels`` (float32 N×20) marks a class present when any object of it is, difficult ones included;
+    ``difficult`` (bool N×20) marks the classes an image holds *only* difficult objects of: the VOC07
+    devkit's classification ground truth (label 0 in ``<class>_<set>.txt``), which AP ignores for that class
+    (:func:`bissl_kit.evaluate.average_precision`). The annotations are parsed once here, so labels need no
+    image decoding."""
+
+    multilabel = True
+    classes = VOC_CLASSES
+
+    def __init__(self, root, split: str = "train", transform=None, download: bool = False):
+        import numpy as np
+        from torchvision.datasets import VOCDetection
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test' (got {split!r})")
+        voc = VOCDetection(root, year="2007", image_set=split, download=download)
+        index = {c: i for i, c in enumerate(VOC_CLASSES)}
+        present = np.zeros((len(voc), len(VOC_CLASSES)), bool)
+        easy = np.zeros_like(present)  # a non-difficult object of the class is in the image
+        for i, path in enumerate(voc.annotations):
+            objects = voc.parse_voc_xml(_xml_root(path))["annotation"].get("object", [])
+            for obj in objects if isinstance(objects, list) else [objects]:
+                c = index[obj["name"].strip()]  # a name outside the 20 classes: the file is not VOC2007's
+                present[i, c] = True
+                easy[i, c] |= obj.get("difficult", "0").strip() != "1"
+        self.files = [Path(p) for p in voc.images]
+        self._labels = present.astype(np.float32)
+        self.difficult = present & ~easy
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        import torch
+        image = _pil(self.files[i])
+        return (self.transform(image) if self.transform else image), torch.from_numpy(self._labels[i])
+
+
+def _xml_root(path):
+    from xml.etree.ElementTree import parse
+    return parse(path).getroot()

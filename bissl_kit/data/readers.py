@@ -56,18 +56,28 @@ class Split(Dataset):
     images: torch.Tensor | None = None
     reader: Dataset | None = None
     indices: np.ndarray | None = None
+    # multi-label sets (VOC07): labels are float N×num_classes multi-hot, and ``difficult`` (bool, same shape)
+    # marks the classes an image holds only difficult objects of, which AP ignores
+    difficult: torch.Tensor | None = None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i):
         if self.images is not None:
-            return self.images[i], int(self.labels[i])
+            return self.images[i], self._label(i)
         try:
-            image, label = self.reader[int(self.indices[i])]
+            image, _ = self.reader[int(self.indices[i])]
         except OSError as e:  # PIL: a truncated or unreadable image file
             raise DataCorruptError(f"{self.name} ({self.split}) item {i}: cannot decode the image: {e}") from e
-        return image, int(label)
+        return image, self._label(i)
+
+    def _label(self, i):
+        return self.labels[i] if self.multilabel else int(self.labels[i])
 
     @property
     def in_memory(self) -> bool:
@@ -78,7 +88,8 @@ class Split(Dataset):
         if self.in_memory:
             return self
         images = torch.stack([self[i][0] for i in range(len(self))])
-        return Split(self.name, self.split, self.labels, self.num_classes, images=images, indices=self.indices)
+        return Split(self.name, self.split, self.labels, self.num_classes, images=images, indices=self.indices,
+                     difficult=self.difficult)
 
     def fingerprint(self) -> str:
         """What a run trained on this split depends on: its images and labels in memory, else (lazy) the
@@ -101,6 +112,8 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def _reader_labels(ds) -> np.ndarray:
     # Each torchvision reader keeps its labels under its own (sometimes private) name; reading it
     # avoids decoding every image just to stratify.
+    if getattr(ds, "multilabel", False):  # VOC2007: multi-hot float N×C
+        return np.asarray(ds._labels, dtype=np.float32)
     for attr in ("targets", "labels", "_labels", "y"):
         if getattr(ds, attr, None) is not None:
             return np.asarray(getattr(ds, attr), dtype=np.int64)
@@ -232,6 +245,9 @@ def load_downstream(name, split, *, root=None, image_size=None, labels_per_class
             idx = _carve(all_labels, split)
 
     if split == "train" and labels_per_class is not None:
+        if info.multilabel:
+            raise ConfigError(f"labels_per_class={labels_per_class} is not defined for {name}, a multi-label set (an "
+                              "image belongs to several classes); labels_per_class must be None")
         try:
             idx = idx[_take_per_class(all_labels[idx], labels_per_class, seed, f"{name} train")]
         except ValueError as e:  # a few-label split larger than a class: the user's setting
@@ -241,4 +257,6 @@ def load_downstream(name, split, *, root=None, image_size=None, labels_per_class
     if images is not None:
         return Split(name, split, labels, info.num_classes, images=_resize(images[torch.from_numpy(idx)], image_size),
                      indices=idx)
-    return Split(name, split, labels, info.num_classes, reader=reader, indices=idx)
+    difficult = getattr(reader, "difficult", None) if info.multilabel else None
+    difficult = torch.from_numpy(difficult[idx].copy()) if difficult is not None else None
+    return Split(name, split, labels, info.num_classes, reader=reader, indices=idx, difficult=difficult)

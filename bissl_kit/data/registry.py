@@ -38,6 +38,8 @@ class DatasetInfo:
     # Registered datasets only (register_dataset): the function that reads a split, and how it was registered
     loader: Callable | None = None
     source: str | None = None  # 'module:function' that registers it (what a rerun passes as --register)
+    # labels are num_classes-dim multi-hot float vectors (VOC07), not class indices; the metric is mAP
+    multilabel: bool = False
 
     def __getitem__(self, key):  # lets callers write info["num_classes"] as well as info.num_classes
         return getattr(self, key)
@@ -105,6 +107,10 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in [
            "<root>/CUB_200_2011/{images/<class>/<file>.jpg, images.txt, image_class_labels.txt,"
            " train_test_split.txt}  (CUB_200_2011.tgz, extracted)",
            _tv("train", "test")),
+    DatasetInfo("voc07", "paper", 3, 20, 96, "VOC2007", "VOCdevkit/VOC2007/ImageSets/Main",
+                "<root>/VOCdevkit/VOC2007/{JPEGImages/<id>.jpg, Annotations/<id>.xml, ImageSets/Main/{train,val,test}.txt}"
+                "  (VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar, both extracted into <root>)",
+                _tv("train", "test", "val"), multilabel=True),
 ]}
 # the pretext sets by name (a folder of images is given as its path): Fashion-MNIST in memory, the rest
 # streamed (bissl_kit.data.pretext)

@@ -7,7 +7,8 @@ an earlier run; options given on the command line override it. The same command 
 
 Stages: ``pretrain`` (PretrainConfig), ``bissl`` (BisslConfig; ``--paper-mode`` as notebook 02's
 ``paper_mode``, ``--preset`` for the official V1/V3 settings), ``finetune`` (FinetuneConfig) and
-``compare`` (CompareConfig). Paths are relative to the working directory
+``compare`` (CompareConfig) and ``sweep`` (SweepConfig: a replicated comparison per point of a field
+or of named bundles, ``--points 'MINRES-5:solver=minres,solver_iters=5'``). Paths are relative to the working directory
 (the notebooks' parameters are relative to ``notebooks/``).
 """
 
@@ -33,7 +34,9 @@ from .hpo import SearchFailedError
 from .rundir import RunLockedError
 from .compare import CompareConfig
 from .config import Config, ConfigError
-from .data import DataNotFoundError
+from .data import DataNotFoundError, register_from
+from .experiments.sweep import SweepConfig
+from .downstream import metrics_text
 from .finetune import FinetuneConfig
 from .pretrain import PretrainConfig, Pretrainer
 
@@ -41,7 +44,7 @@ from .pretrain import PretrainConfig, Pretrainer
 USER_ERRORS = (ConfigError, CheckpointError, DataNotFoundError, RunLockedError, SearchFailedError, OSError)
 
 STAGES: dict[str, type[Config]] = {"pretrain": PretrainConfig, "bissl": BisslConfig, "finetune": FinetuneConfig,
-                                   "compare": CompareConfig}
+                                   "compare": CompareConfig, "sweep": SweepConfig}
 
 
 def _parse_value(text: str, hint):
@@ -147,6 +150,10 @@ def main(argv=None) -> int:
     for name, cls in STAGES.items():
         p = stage_parsers[name] = sub.add_parser(name, help=f"run the {name} stage", argument_default=argparse.SUPPRESS)
         p.add_argument("--config", help="JSON file with config fields (e.g. a run's config.json)")
+        p.add_argument("--register", action="append", default=[], metavar="MODULE:FUNCTION",
+                       help="import MODULE and call FUNCTION, which registers datasets with "
+                            "bissl_kit.data.register_dataset, before the config is checked (repeatable; "
+                            "$BISSL_DATASETS does the same; docs/data.md)")
         if name == "bissl":
             p.add_argument("--paper-mode", dest="paper_mode", action="store_true", default=False,
                            help="start from the official algorithm's values (PAPER_MODE) instead of ours (FAST_MODE); "
@@ -156,6 +163,7 @@ def main(argv=None) -> int:
                                 "per-dataset upper lr/wd), paper_neurips_byol (V3, BYOL's); options given override "
                                 "them, and what the preset derives (the lower warm-up, the upper lr) follows them")
         add_config_options(p, cls)
+    stage_parsers["reproduce"] = _reproduce_parser(sub)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # a misspelt option: the stage's usage, and the closest option it has
         p = stage_parsers[args.stage]
@@ -164,7 +172,11 @@ def main(argv=None) -> int:
         p.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else "")
                 + f"; `python -m bissl_kit {args.stage} --help` lists the options")
     stage_parser = stage_parsers[args.stage]
+    if args.stage == "reproduce":
+        return _reproduce(args, parser, stage_parser)
     try:
+        for spec in args.register:
+            register_from(spec)
         cfg = config_from_args(STAGES[args.stage], args)
     except (ConfigError, argparse.ArgumentTypeError) as e:
         stage_parser.error(str(e))  # the stage's usage, not the top level's
@@ -188,6 +200,43 @@ def main(argv=None) -> int:
                              f"lower the batch size, the width or the image size ({str(e).splitlines()[0][:200]})\n")
 
 
+def _reproduce_parser(sub) -> argparse.ArgumentParser:
+    from .reproduce import PRESETS
+    p = sub.add_parser("reproduce", help="the paper's chain: pretrain → BiSSL → compare per set (bissl_kit.reproduce)")
+    p.add_argument("--preset", required=True, choices=tuple(PRESETS), help="the paper version whose settings run")
+    p.add_argument("--method", default="simclr", choices=("simclr", "byol"), help="pretext method (BYOL: paper_neurips)")
+    p.add_argument("--datasets", nargs="+", default=None, help="downstream sets (default: the preset's)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale every count by F: max(1, round(count·F))")
+    p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="override a field of a stage's config (stages: pretrain, bissl, compare), after the budget")
+    p.add_argument("--out", default="runs/reproduce", help="the chain's folder: one run folder per step")
+    p.add_argument("--device", default="auto", help="where every stage runs")
+    p.add_argument("--data-root", dest="data_root", default=None, help="dataset root of every stage")
+    p.add_argument("--measure-steps", dest="measure_steps", type=int, default=2,
+                   help="steps timed per stage for the projection")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the projection only")
+    return p
+
+
+def _reproduce(args, parser, stage_parser) -> int:
+    from . import reproduce
+    try:
+        steps = reproduce.plan(args.preset, out=args.out, datasets=args.datasets, budget=args.budget,
+                               method=args.method, sets=args.sets, device=args.device, data_root=args.data_root)
+    except ConfigError as e:
+        stage_parser.error(str(e))
+    try:
+        rows = reproduce.project(steps, k=args.measure_steps)
+        print(f"projected time on this machine ({args.measure_steps} timed steps per stage):")
+        print(reproduce.projection_table(rows), flush=True)
+        if not args.dry_run:
+            reproduce.run(steps, args.out, log=lambda s: print(s, flush=True))
+            print(f"done: {args.out}/done.json")
+    except USER_ERRORS as e:
+        stage_parser.exit(2, f"{parser.prog} reproduce: error: {e}\n")
+    return 0
+
+
 def _out_of_memory(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
@@ -206,20 +255,18 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
         trainer = build_trainer(cfg)
         for rec in trainer.run():
             if rec.get("kind") == "stage":
-                print(f"stage {rec['stage']}: val top-1 {rec.get('val_top1', float('nan')):.2%}, "
-                      f"‖θ_P − θ_D‖ {rec['distance']:.3g}", flush=True)
+                print(f"stage {rec['stage']}: {metrics_text(rec, 'val')}, ‖θ_P − θ_D‖ {rec['distance']:.3g}", flush=True)
         print(f"done: {cfg.out_dir}/checkpoint.pt (stage {trainer.stage})")
     elif args.stage == "finetune":
         from .finetune import Finetuner
         tuner = Finetuner(cfg)
         for rec in tuner.run():
-            if rec.get("kind") == "epoch" and "val_top1" in rec:
-                print(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.3f}, val top-1 {rec['val_top1']:.2%}",
-                      flush=True)
+            if rec.get("kind") == "epoch" and "val_loss" in rec:
+                print(f"epoch {rec['epoch']}: train loss {rec['train_loss']:.3f}, {metrics_text(rec, 'val')}", flush=True)
         res = tuner.result
-        print(f"val top-1 {res['val_top1']:.2%}, top-5 {res['val_top5']:.2%} ({res['protocol']})")
-        if "test_top1" in res:
-            print(f"test top-1 {res['test_top1']:.2%}, top-5 {res['test_top5']:.2%} ({res['test_protocol']})")
+        print(f"{metrics_text(res, 'val')} ({res['protocol']})")
+        if "test_protocol" in res:
+            print(f"{metrics_text(res, 'test')} ({res['test_protocol']})")
         print(f"done: {cfg.out_dir}/checkpoint.pt")
     elif args.stage == "compare":
         from .compare import run_comparison
@@ -231,6 +278,16 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
         if cfg.figures_dir is not None:  # the comparison writes text; its figure needs plotly, imported here only
             from .viz.compare import export_comparison
             figure = export_comparison(results, cfg)
+            print(f"figure: {', '.join(str(p) for p in figure.values())}")
+    elif args.stage == "sweep":
+        from .experiments.sweep import run_sweep, sweep_table
+        command = shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
+        sweep = run_sweep(cfg, command=command)
+        print(sweep_table(sweep))
+        print(f"done in {sweep['seconds']:.0f} s: {cfg.results_dir or cfg.out_dir}/sweep.{{json,csv,md}}")
+        if cfg.figures_dir is not None:
+            from .viz.sweep import export_sweep
+            figure = export_sweep(sweep, cfg.figures_dir, cfg.sweep_stem)
             print(f"figure: {', '.join(str(p) for p in figure.values())}")
     return 0
 

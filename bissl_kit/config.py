@@ -167,7 +167,12 @@ class Config:
         that reproduces what that run did (``SAVED_DEFAULTS`` of the class), renamed fields their new
         name (``RENAMED``), not today's defaults."""
         values = {getattr(cls, "RENAMED", {}).get(k, k): v for k, v in values.items()}
-        return cls.from_dict({**getattr(cls, "SAVED_DEFAULTS", {}), **values})
+        values = {**getattr(cls, "SAVED_DEFAULTS", {}), **values}
+        # fields that once took None for "the chain's own" and now name it: {field: values -> value}
+        for name, resolve in getattr(cls, "SAVED_NONE", {}).items():
+            if name in values and values[name] is None:
+                values[name] = resolve(values)
+        return cls.from_dict(values)
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the numbers of a run: all but the resumable ones."""

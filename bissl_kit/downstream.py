@@ -2,8 +2,9 @@
 
 :func:`load_data` reads a task's train and val splits at the pre-training image size with its
 normalisation, and the test split only when asked for (:meth:`DownstreamData.test`: a search trial never
-loads it). :func:`evaluate_split` gives a model's top-1/top-5 and loss on a split, across torchrun ranks
-too; :func:`frozen_metrics` a frozen backbone's k-NN and linear probe (:func:`bissl_kit.evaluate.evaluate_frozen`).
+loads it). :func:`evaluate_split` gives a model's top-1/top-5 (mAP for a multi-label task, VOC07) and loss on
+a split, across torchrun ranks too; :func:`frozen_metrics` a frozen backbone's k-NN and linear probe
+(:func:`bissl_kit.evaluate.evaluate_frozen`; skipped, with the reason, on a multi-label task).
 """
 
 from __future__ import annotations
@@ -18,7 +19,44 @@ from torch import nn
 from . import data as data_mod
 from . import distributed
 from .augment import downstream_train_spec, normalize
-from .evaluate import accuracy_topk
+from .evaluate import accuracy_topk, mean_average_precision
+from .losses import downstream_loss
+
+# the metrics reported per task kind, by record key suffix (val_top1, test_map, ...), and how tables name them
+SINGLE_LABEL_METRICS = ("top1", "top5")
+MULTILABEL_METRICS = ("map",)
+METRIC_LABELS = {"top1": "top-1", "top5": "top-5", "map": "mAP"}
+MAP_PROTOCOL = "mAP (VOC2007 11-point interpolated AP on the logits, mean over classes, difficult images ignored)"
+
+
+def metrics_of(multilabel: bool) -> tuple[str, ...]:
+    """The metrics of a task, the first one the selection key ('top1'; 'map' for a multi-label task)."""
+    return MULTILABEL_METRICS if multilabel else SINGLE_LABEL_METRICS
+
+
+def metrics_text(rec: dict, split: str) -> str:
+    """'val top-1 52.00%, top-5 90.10%' or 'val mAP 45.30' (VOC07's ×100), from a record's ``{split}_{metric}``."""
+    parts = [f"{METRIC_LABELS[m]} " + (f"{100 * rec[f'{split}_{m}']:.2f}" if m == "map" else f"{rec[f'{split}_{m}']:.2%}")
+             for m in SINGLE_LABEL_METRICS + MULTILABEL_METRICS if f"{split}_{m}" in rec]
+    return f"{split} " + ", ".join(parts)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n: int, *, difficult=None,
+                           multilabel_loss: str = "softmax_ce") -> dict:
+    """Metrics and mean loss of this rank's ``logits`` of an evaluation set of ``n`` samples (its
+    :func:`~bissl_kit.distributed.eval_slice` under torchrun; every rank must call it): top1/top5 for class
+    indices, the mean over the union of the ranks' parts; ``map`` for multi-hot labels (``difficult``: the
+    whole split's mask), the mAP of the union (the logits are gathered). The loss is the training loss
+    (:func:`~bissl_kit.losses.downstream_loss`)."""
+    if labels.ndim == 1:
+        if distributed.is_distributed():
+            return distributed.union_metrics(logits, labels, n)
+        logits = logits.float().cpu()
+        acc = accuracy_topk(logits, labels.cpu())
+        return {"top1": acc[1], "top5": acc[5], "loss": F.cross_entropy(logits, labels.cpu()).item()}
+    logits, labels = distributed.gather_parts(logits, n).double().cpu(), distributed.gather_parts(labels, n).cpu()
+    return {"map": mean_average_precision(logits, labels, None if difficult is None else difficult.cpu()),
+            "loss": downstream_loss(logits, labels, multilabel_loss).item()}
 
 
 @dataclass
@@ -39,6 +77,14 @@ class DownstreamData:
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.train.multilabel
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return metrics_of(self.multilabel)
 
     @property
     def task(self) -> str:
@@ -77,11 +123,12 @@ def load_data(downstream: str, pre_cfg, *, labels_per_class=None, labels_seed=0,
 
 @torch.no_grad()
 def evaluate_split(backbone: nn.Module, head: nn.Module, split, *, mean, std, device="cpu",
-                   batch_size: int = 1024) -> dict:
-    """Top-1, top-5 and cross-entropy of (backbone, head) on a split in memory, eval mode (restored after).
+                   batch_size: int = 1024, multilabel_loss: str = "softmax_ce") -> dict:
+    """Top-1, top-5 and cross-entropy (mAP and ``multilabel_loss`` for a multi-label split) of (backbone,
+    head) on a split in memory, eval mode (restored after).
 
-    Under torchrun every rank evaluates its disjoint part of the split and the counts and loss sums are
-    added across ranks (:func:`bissl_kit.distributed.union_metrics`): every rank must call it."""
+    Under torchrun every rank evaluates its disjoint part of the split and the metrics are those of the
+    union (:func:`classification_metrics`): every rank must call it."""
     n = len(split)
     images, labels = split.images, split.labels
     many = distributed.is_distributed()
@@ -100,11 +147,10 @@ def evaluate_split(backbone: nn.Module, head: nn.Module, split, *, mean, std, de
     finally:
         backbone.train(modes[0])
         head.train(modes[1])
-    if many:  # on the model's device (NCCL reduces GPU tensors)
-        return {**distributed.union_metrics(torch.cat(logits), labels.to(device), n), "n": n}
-    logits = torch.cat([lg.float().cpu() for lg in logits])
-    acc = accuracy_topk(logits, split.labels)
-    return {"top1": acc[1], "top5": acc[5], "loss": F.cross_entropy(logits, split.labels).item(), "n": len(split)}
+    # under torchrun on the model's device (NCCL reduces GPU tensors)
+    return {**classification_metrics(torch.cat(logits), labels.to(device) if many else labels, n,
+                                     difficult=getattr(split, "difficult", None), multilabel_loss=multilabel_loss),
+            "n": n}
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------
@@ -115,11 +161,17 @@ def frozen_metrics(backbone: nn.Module, data: DownstreamData, *, split: str = "v
                    probe_lr: float = 0.1, probe_weight_decay: float = 0.0, seed: int = 0,
                    device="cpu") -> dict:
     """Weighted k-NN and linear-probe accuracy of a frozen backbone: train-split features → ``split``
-    (val for monitoring, test only for final numbers). Each value comes with its protocol string.
+    (val for monitoring, test only for final numbers). Each value comes with its protocol string. A
+    multi-label task gets None for both, the reason in the protocol strings and ``skipped``.
     Under torchrun it uses no collective: every rank computes the whole of it (each sample once, the
     same numbers on every rank), so a caller may run it on rank 0 alone."""
     from .evaluate import evaluate_frozen
 
+    if data.multilabel:  # both vote or predict one class per image; a multi-label version is not built yet
+        why = (f"{data.task} {split}: no k-NN or linear probe, {data.name} is multi-label (several classes per image) "
+               "and both assume one class per image")
+        out = {"knn": None, "knn_protocol": why, "skipped": why}
+        return {**out, "probe": None, "probe_protocol": why} if probe else out
     target = data.val if split == "val" else data.test()
     # trained backbones only (pre-trained, BiSSL, fine-tuned): their BN statistics were estimated in
     # training; a random init's were not (notebooks 01 and 04 re-estimate them for that comparison)

@@ -244,6 +244,57 @@ def accuracy_topk(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return out
 
 
+# ---- multi-label: average precision ----------------------------------------------------------------------
+
+VOC07_RECALLS = tuple(t / 10 for t in range(11))  # the 11 recall levels of the VOC2007 interpolated AP
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor | None = None, *,
+                      interpolated: bool = True) -> torch.Tensor:
+    """Per-class average precision (float64, C) of ``scores`` (N×C, raw logits: only their order counts) against
+    multi-hot ``targets`` (N×C), all classes at once on CPU tensors.
+
+    Each class ranks the images by score; at rank r, precision = TP/r' and recall = TP/P, where TP counts
+    the positives among the first r, r' the images among them that are not ignored, and P the positives.
+    ``ignore`` (bool N×C) drops an image from a class's ranking: VOC07's "difficult" images (the only
+    objects of the class there are difficult). ``interpolated``: the VOC2007 11-point AP, the mean over
+    t ∈ {0, 0.1, …, 1} of the largest precision at a recall ≥ t (0 where none reaches t); else the
+    non-interpolated AP, the mean of the precisions at the ranks of the positives (scikit-learn's
+    ``average_precision_score`` without ties). A class without positives gets NaN."""
+    s = scores.detach().to("cpu", torch.float64)
+    pos = targets.detach().to("cpu") > 0
+    if s.ndim != 2 or s.shape != pos.shape:
+        raise ValueError(f"average_precision: scores and targets must both be N×C (got {tuple(s.shape)} and "
+                         f"{tuple(pos.shape)})")
+    keep = torch.ones_like(pos) if ignore is None else ~ignore.detach().to("cpu", torch.bool)
+    order = s.argsort(dim=0, descending=True, stable=True)
+    pos, keep = pos.gather(0, order), keep.gather(0, order)
+    tp = (pos & keep).cumsum(0, dtype=torch.float64)
+    seen = keep.cumsum(0, dtype=torch.float64)
+    n_pos = tp[-1]
+    precision = torch.where(keep, tp / seen.clamp_min(1), torch.zeros_like(tp))  # an ignored rank adds no point
+    recall = tp / n_pos.clamp_min(1)
+    if interpolated:
+        # t = k/10 and recall = TP/P are both correctly rounded, so a recall of exactly t counts
+        ap = sum(torch.where(recall >= t, precision, torch.zeros_like(precision)).amax(0)
+                 for t in VOC07_RECALLS) / len(VOC07_RECALLS)
+    else:
+        ap = (precision * (pos & keep)).sum(0) / n_pos.clamp_min(1)
+    return torch.where(n_pos > 0, ap, torch.full_like(ap, math.nan))
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor | None = None, *,
+                           interpolated: bool = True) -> float:
+    """The mean over classes of :func:`average_precision`, in [0, 1] (the VOC2007 "mAP" is 100×): classes without
+    a positive in the split are left out of the mean (every class has positives in each VOC2007 split; a tiny
+    subset may not). Raises when no class has one."""
+    ap = average_precision(scores, targets, ignore, interpolated=interpolated)
+    ap = ap[~ap.isnan()]
+    if not len(ap):
+        raise ValueError("mean_average_precision: no class has a positive (non-ignored) image")
+    return ap.mean().item()
+
+
 # ---- class separability ----------------------------------------------------------------------------------
 
 def silhouette_samples(feats: torch.Tensor, labels: torch.Tensor, *, metric: str = "cosine") -> torch.Tensor:
@@ -324,6 +375,9 @@ def evaluate_frozen(backbone: nn.Module, train: tuple[torch.Tensor, torch.Tensor
     holds them. ``knn_k`` None skips the k-NN; ``probe`` (the :func:`linear_probe` settings: epochs, lr,
     weight_decay) adds the probe; ``silhouette`` (a metric, 'cosine' or 'euclidean') adds the silhouette
     of the eval split's true classes."""
+    if train[1].ndim != 1 or evaluation[1].ndim != 1:
+        raise ValueError("evaluate_frozen: labels must be one class index per image; a multi-label set (VOC07) has no "
+                         "k-NN, probe or silhouette here (bissl_kit.downstream.frozen_metrics skips them)")
     train_f, eval_f = frozen_features(backbone, train[0], evaluation[0], mean=mean, std=std, bn_images=bn_images,
                                       device=device)
     out = FrozenEvaluation(bn, eval_features=eval_f if keep_features else None)

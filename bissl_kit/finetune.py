@@ -22,6 +22,9 @@ Protocol (the official one of spec §2.6, with the changes named):
   when ``test=True``: hyper-parameter trials run with ``test=False``, and the test split is then never
   loaded. The official code reports the maximum over epochs of val accuracy and never touches test
   (spec C19); we record that maximum as ``best_val_top1`` for reference only.
+* a multi-label task (VOC07) is trained with ``multilabel_loss`` (the official softmax CE on the multi-hot
+  vector, or BCE) and measured by its mAP (:data:`~bissl_kit.downstream.MAP_PROTOCOL`) where the others
+  have top-1/top-5: records hold ``val_map``/``test_map``/``best_val_map``, and best-val selects on val mAP.
 * no second forward pass per step just to log the loss (the official code doubles its forward cost
   and BatchNorm updates that way, spec §2.6).
 
@@ -53,16 +56,16 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, speed
 from .augment import augment
 from .backbones import LoadedBackbone, load_backbone, rebuild, recipe_of
 from .checkpoint import CheckpointError, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
-from .downstream import DownstreamData, evaluate_split, load_data, task_name
+from .downstream import MAP_PROTOCOL, DownstreamData, evaluate_split, load_data, task_name
+from .losses import MULTILABEL_LOSSES, downstream_loss
 from .models import linear_head
 from .optim import set_lr, warmup_cosine
 from .rng import generator, resolve_device
@@ -78,8 +81,8 @@ class FinetuneConfig(Config):
     backbone_checkpoint: str = param("runs/bissl/checkpoint.pt",
                                      "checkpoint whose backbone is fine-tuned: a pre-training run, a BiSSL run "
                                      "(its lower backbone θ_P) or a compute-matched pretext continuation", resumable=True)
-    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)",
-                            choices=tuple(data_mod.DATASETS))
+    downstream: str = param("digits", "downstream dataset: a name of bissl_kit.data.DATASETS (built-in or registered) "
+                            "or a task folder path (docs/data.md)", check=data_mod.check_dataset_name)
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     labels_seed: int = param(0, "which images a few-label train split keeps (BiSSL's upper level uses 0)", low=0)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
@@ -90,12 +93,19 @@ class FinetuneConfig(Config):
                       low=0, low_inclusive=False)
     weight_decay: float = param(5e-4, "coupled weight decay of SGD, on all parameters (V2's default 5e-4)", low=0)
     momentum: float = param(0.9, "SGD momentum", low=0, high=1, high_inclusive=False)
+    bf16: bool = speed.bf16_param()
+    channels_last: bool = speed.channels_last_param()
+    compile: bool = speed.compile_param()
+    multilabel_loss: str = param("softmax_ce", "loss of a multi-label task (VOC07; class-index tasks always use "
+                                 "cross-entropy): softmax cross-entropy on the multi-hot vector as the official code "
+                                 "(spec C15), or per-class sigmoid BCE", choices=MULTILABEL_LOSSES)
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm) instead of each "
                           "rank's part; no effect in one process", resumable=True)
     # Evaluation
     eval_every: int = param(1, "val top-1/top-5 every this many epochs (and always after the last); 0 = only at the end",
                             low=0)
-    select: str = param("last", "the reported model: the last epoch's, or the epoch with the best val top-1",
+    select: str = param("last", "the reported model: the last epoch's, or the epoch with the best val top-1 "
+                        "(val mAP: multi-label)",
                         choices=("last", "best_val"))
     test: bool = param(True, "evaluate the reported model once on the test split at the end; False (search "
                              "trials) never loads the test split", resumable=True)
@@ -106,6 +116,11 @@ class FinetuneConfig(Config):
     checkpoint_every: int = param(5, "write the checkpoint every this many epochs (and at the end)", low=1, resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
+    @classmethod
+    def paper(cls, **overrides) -> "FinetuneConfig":
+        """The paper's fine-tuning (every version, spec §2.2, §2.6; bissl_kit.presets): 400 epochs, batch 256."""
+        from .presets import finetune_values
+        return cls.from_dict({**finetune_values(), **overrides})
 
 
 # ---- where the backbone comes from ------------------------------------------------------------------
@@ -195,7 +210,7 @@ class Finetuner:
                               f"of {cfg.backbone_checkpoint!r} takes {self.backbone.in_channels}")
         torch.manual_seed(cfg.seed)  # the head's initialisation is the only draw from the global generator
         self.head = linear_head(self.backbone.feat_dim, data.num_classes)
-        self.backbone.to(self.device)
+        speed.memory_format(self.backbone.to(self.device), cfg.channels_last)
         self.head.to(self.device)
         self.optimizer = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -224,7 +239,7 @@ class Finetuner:
             distributed.convert_sync_batchnorm(self.backbone)  # same parameters and buffers, in place
         # backbone → head; under torchrun through DistributedDataParallel (gradients averaged across ranks,
         # rank 0's parameters and buffers broadcast when it is built)
-        self.model = distributed.data_parallel(nn.Sequential(self.backbone, self.head))
+        self.model = speed.compiled(distributed.data_parallel(nn.Sequential(self.backbone, self.head)), cfg.compile)
 
     def parameters(self):
         return list(self.backbone.parameters()) + list(self.head.parameters())
@@ -276,7 +291,12 @@ class Finetuner:
     def _needs_final(self, result: dict | None) -> bool:
         """Whether the final evaluation is (re)done: the run has none yet, or it lacks the test numbers that
         ``test`` asks for (a finished search trial continued as a seed run)."""
-        return result is None or (self.cfg.test and "test_top1" not in result)
+        return result is None or (self.cfg.test and f"test_{self.key}" not in result)
+
+    @property
+    def key(self) -> str:
+        """The selection metric: val top-1, or val mAP for a multi-label task (records: val_top1 / val_map)."""
+        return self.data.metrics[0]
 
     # ---- training --------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -297,7 +317,8 @@ class Finetuner:
             # rank's part of it; ``weight`` scales its mean loss to its share of the global mean
             x = augment(images, self.data.train_spec, generator(cfg.seed, "finetune-augment", epoch, b))
             (x, labels), weight = distributed.split(x.to(self.head.weight.dtype), labels)
-            loss = F.cross_entropy(self.model(x), labels)
+            with speed.autocast(self.device, cfg.bf16):
+                loss = downstream_loss(self.model(speed.inputs(x, cfg.channels_last)), labels, cfg.multilabel_loss)
             if weight != 1.0:
                 loss = loss * weight
             value = distributed.mean_value(loss.detach())  # the global batch's loss, the same on every rank
@@ -311,10 +332,10 @@ class Finetuner:
                    "loss": value.item(), "lr": lr}
 
     def evaluate(self, split: str = "val") -> dict:
-        """Top-1/top-5/loss of the current model on ``split`` ('val'; 'test' only for final numbers)."""
+        """Top-1/top-5 (mAP: multi-label)/loss of the current model on ``split`` ('val'; 'test' only for final numbers)."""
         data = self.data.val if split == "val" else self.data.test()
         return evaluate_split(self.backbone, self.head, data, mean=self.data.mean, std=self.data.std,
-                              device=self.device)
+                              device=self.device, multilabel_loss=self.cfg.multilabel_loss)
 
     def run(self, *, replay: bool = False) -> Iterator[dict]:
         """Train to ``cfg.epochs`` and finish; yields step, epoch and final records. ``replay=True`` first
@@ -344,16 +365,17 @@ class Finetuner:
             last = self.epoch == cfg.epochs
             if last or (cfg.eval_every and self.epoch % cfg.eval_every == 0):
                 val = self.evaluate("val")
-                rec.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
-                if self.best is None or val["top1"] > self.best["val_top1"]:
-                    self.best = {"epoch": self.epoch, "val_top1": val["top1"],
+                rec.update({f"val_{m}": val[m] for m in self.data.metrics}, val_loss=val["loss"])
+                key = self.key
+                if self.best is None or val[key] > self.best[f"val_{key}"]:
+                    self.best = {"epoch": self.epoch, f"val_{key}": val[key],
                                  "states": self._states() if cfg.select == "best_val" else None}
             self.history.append(rec)
             self.log.append(rec)
             yield rec
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "val_top1") if k in rec})
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "val_top1", "val_map") if k in rec})
             if not last and self.epoch % cfg.checkpoint_every == 0:
                 self.save()
         if bar is not None:
@@ -379,20 +401,21 @@ class Finetuner:
         self._reported = copy.deepcopy(states)
         self.backbone.load_state_dict(states["backbone"])
         self.head.load_state_dict(states["head"])
-        evaluated = [r for r in self.history if "val_top1" in r]
+        key = self.key
+        evaluated = [r for r in self.history if f"val_{key}" in r]
         if self.result is not None:  # a finished run asked for its test numbers now
             selected = self.result["selected_epoch"]
         else:
             selected = self.best["epoch"] if cfg.select == "best_val" else cfg.epochs
         val = self.evaluate("val")
         rec = {"kind": "final", "epoch": cfg.epochs, "selected_epoch": selected,
-               "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"], "n_val": val["n"],
-               "best_val_top1": max(r["val_top1"] for r in evaluated), "lr": cfg.lr,
+               **{f"val_{m}": val[m] for m in self.data.metrics}, "val_loss": val["loss"], "n_val": val["n"],
+               f"best_val_{key}": max(r[f"val_{key}"] for r in evaluated), "lr": cfg.lr,
                "weight_decay": cfg.weight_decay, "seed": cfg.seed, "source": self.source,
                "protocol": self.protocol("val", val["n"], selected)}
         if cfg.test:
             test = self.evaluate("test")
-            rec.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], n_test=test["n"],
+            rec.update({f"test_{m}": test[m] for m in self.data.metrics}, test_loss=test["loss"], n_test=test["n"],
                        test_protocol=self.protocol("test", test["n"], selected))
         return rec
 
@@ -400,7 +423,9 @@ class Finetuner:
         cfg = self.cfg
         src = source_label(self.source)
         chosen = "last epoch" if cfg.select == "last" else f"best-val epoch {selected_epoch}"
-        return (f"{self.data.task} {split} (n={n}) top-1/top-5; {src} fine-tuned {cfg.epochs} epochs with a new "
+        metric = (f"{MAP_PROTOCOL}, trained with multilabel_loss={cfg.multilabel_loss}" if self.data.multilabel
+                  else "top-1/top-5")
+        return (f"{self.data.task} {split} (n={n}) {metric}; {src} fine-tuned {cfg.epochs} epochs with a new "
                 f"linear head (SGD lr {cfg.lr:.3g}, wd {cfg.weight_decay:.3g}, momentum {cfg.momentum:g}, "
                 f"cosine, batch {cfg.batch_size}, {len(self.data.train)} train images); model: {chosen}; "
                 f"seed {cfg.seed}")

@@ -7,8 +7,8 @@ then N seeds at the chosen values.
   harder). The official ranges are lr ∈ [1e-4, 1], wd ∈ [1e-5, 1e-2] (V1; the official draws are also
   quantised to 1e-4 / 1e-5 steps, ours are not).
 * **Trials** are fine-tuning runs with ``test=False``: the test split is never loaded while searching.
-  The score is the val top-1 of the reported model (``select``), i.e. the number the final runs would
-  report on test. The best trial wins; ties go to the earlier trial.
+  The score is the val top-1 (val mAP: a multi-label task) of the reported model (``select``), i.e. the
+  number the final runs would report on test. The best trial wins; ties go to the earlier trial.
 * **Seeds.** The final runs use the chosen (lr, wd) and seeds ``seed, seed + 1, …``; the run with the
   trial seed *is* the chosen trial, continued to its test evaluation (the search's seed is one of the
   N seeds). Test numbers are computed once per final run.
@@ -52,8 +52,10 @@ def sample_candidates(n: int, *, seed: int = 0, lr_range=LR_RANGE, wd_range=WD_R
     return out
 
 
-def select_best(trials: list[dict], *, key: str = "val_top1") -> dict:
-    """The successful trial with the highest ``key`` (a val number); ties go to the earlier trial."""
+def select_best(trials: list[dict], *, key: str | None = None) -> dict:
+    """The successful trial with the highest ``key`` (a val number; None: val_map where the trials have it, a
+    multi-label task, else val_top1); ties go to the earlier trial."""
+    key = key or selection_key(trials)
     if not key.startswith("val_"):
         raise ValueError(f"trials are selected on a val number, not {key!r}")
     ok = [t for t in trials if t.get("status") == "ok"]
@@ -64,6 +66,11 @@ def select_best(trials: list[dict], *, key: str = "val_top1") -> dict:
             "a lower lr_range, fewer epochs of a diverging schedule or clipping may help; each trial's error is "
             "in its run folder and in search.json")
     return max(ok, key=lambda t: (t[key], -t["trial"]))
+
+
+def selection_key(trials: list[dict]) -> str:
+    """'val_map' for trials of a multi-label task (their records hold it), else 'val_top1'."""
+    return "val_map" if any("val_map" in t for t in trials) else "val_top1"
 
 
 def search_edges(trials: list[dict], chosen: dict) -> list[str]:
@@ -144,7 +151,7 @@ def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, s
 
     chosen = select_best(state["trials"])
     state["chosen"] = {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
-                       "val_top1": chosen["val_top1"], "run": chosen["run"],
+                       selection_key(state["trials"]): chosen[selection_key(state["trials"])], "run": chosen["run"],
                        "edges": search_edges(state["trials"], chosen)}
     for s in range(seeds):
         seed = base.seed + s

@@ -1,4 +1,5 @@
-"""Pretext losses: SimCLR's NT-Xent and BYOL's normalised regression, as spec §2.3 defines them."""
+"""Pretext losses (SimCLR's NT-Xent and BYOL's normalised regression, as spec §2.3 defines them) and the
+downstream classification loss, single- or multi-label (:func:`downstream_loss`)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,27 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
     def term(p, t):
         return (2 - 2 * F.cosine_similarity(p, t.detach(), dim=1)).mean()
     return term(p1, t2) + term(p2, t1)
+
+
+# ---- the downstream loss -------------------------------------------------------------------------------
+
+# how a multi-label task (targets: float N×C multi-hot) is trained. 'softmax_ce' is the official code's
+# nn.CrossEntropyLoss fed the multi-hot vector (spec §1.3, C15): −Σ_c t_c log softmax(z)_c per image, a softmax
+# over classes that compete although several are true; 'bce' is the usual multi-label loss, one independent
+# sigmoid per class (nn.BCEWithLogitsLoss, mean over images and classes).
+MULTILABEL_LOSSES = ("softmax_ce", "bce")
+
+
+def downstream_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel_loss: str = "softmax_ce", *,
+                    reduction: str = "mean") -> torch.Tensor:
+    """The downstream (classification) loss of every stage: cross-entropy for class-index targets (int N), and
+    for multi-hot targets (float N×C) the ``multilabel_loss`` of :data:`MULTILABEL_LOSSES`. ``reduction``
+    'mean' averages over images (and, for 'bce', classes), 'sum' adds them up."""
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    targets = targets.to(logits.dtype)
+    if multilabel_loss == "softmax_ce":
+        return F.cross_entropy(logits, targets, reduction=reduction)  # soft targets: exactly the official call
+    if multilabel_loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction=reduction)
+    raise ValueError(f"multilabel_loss={multilabel_loss!r} must be one of {', '.join(map(repr, MULTILABEL_LOSSES))}")

@@ -40,7 +40,7 @@ EXECUTED = NOTEBOOKS / "executed"
 FIGURES = REPO / "runs" / "figures"
 
 # The series, in order. QUICK holds the parameters the tests use for each (seconds, not minutes).
-SERIES = ("01_pretrain", "02_bilevel", "03_finetune", "04_features_umap", "05_results")
+SERIES = ("01_pretrain", "02_bilevel", "03_finetune", "04_features_umap", "05_results", "06_ablations")
 QUICK: dict[str, dict[str, Any]] = {
     "01_pretrain": {"steps": 6, "batch_size": 32, "warmup_steps": 2, "knn_every": 3, "width": 4,
                     "out_dir": "../runs/quick/pretrain", "figures_dir": "../runs/quick/figures"},
@@ -54,6 +54,9 @@ QUICK: dict[str, dict[str, Any]] = {
     "05_results": {"pretrain_checkpoint": "../runs/quick/pretrain/checkpoint.pt", "bissl_runs": ["../runs/quick/bissl"],
                    "trials": 2, "seeds": 2, "epochs": 1, "batch_size": 64, "probe_epochs": 5,
                    "out_dir": "../runs/quick/compare", "figures_dir": "../runs/quick/figures"},
+    "06_ablations": {"pretrain_checkpoint": "../runs/quick/pretrain/checkpoint.pt", "bissl_runs": ["../runs/quick/bissl"],
+                     "trials": 1, "seeds": 2, "epochs": 1, "batch_size": 64, "out_dir": "../runs/quick/sweep",
+                     "figures_dir": "../runs/quick/figures"},
 }
 
 

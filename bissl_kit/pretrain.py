@@ -25,13 +25,14 @@ from typing import ClassVar, Iterator
 import torch
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, speed
 from .augment import simclr_specs, two_views
-from .backbones import check_recipe, recipe_of
+from .backbones import ARCH_RULE, build as build_backbone, check_arch, check_recipe, recipe_of
 from .checkpoint import CheckpointError, content_signature, load_checkpoint, load_state
 from .config import Config, ConfigError, device_param, param
+from .data.registry import check_dataset_name
+from .data.pretext import StepBatches, check_pretext_name, default_workers, pretext_fingerprint
 from .evaluate import evaluate_frozen
-from .models import ARCHS, build_backbone
 from .optim import LARS, set_lr, warmup_cosine
 from .pretext import METHODS, PRETEXT_FORWARDS, build_pretext
 from .rng import generator, resolve_device
@@ -43,14 +44,22 @@ CHECKPOINT_KIND = "pretrain"
 @dataclass(frozen=True)
 class PretrainConfig(Config):
     # Data
-    pretext_dataset: str = param("fashion_mnist", "pretext images (labels unused)", choices=("fashion_mnist",))
+    pretext_dataset: str = param("fashion_mnist", "pretext images (labels unused): 'fashion_mnist' (in memory), 'stl10', "
+                                 "'stl10+train', 'cifar10', 'cifar100', 'imagenet' or a folder of images given as a "
+                                 "path (streamed; docs/data.md)", check=check_pretext_name)
+    loader_workers: int | None = param(None, "processes decoding a streamed pretext set ahead of training; 0 = in the "
+                                       "training process; None = the CPUs, up to 8", low=0, resumable=True)
+    pin_memory: bool = param(True, "pin a streamed set's batches in page-locked memory when training on a GPU",
+                             resumable=True)
+    prefetch_factor: int = param(2, "batches each loader worker decodes ahead", low=1, resumable=True)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
     # 16 px: a SimCLR step costs ~4x less than at 28 px, and the digits are 8x8 to begin with
     image_size: int = param(16, "side of the square training images, in pixels", low=8, high=512)
     # Model
-    arch: str = param("resnet18", "backbone architecture", choices=tuple(ARCHS))
-    width: int = param(16, "channels of layer1 (64 = standard ResNet, 16 = narrow CPU default)", low=1, high=512)
-    small_stem: bool = param(True, "3×3 stride-1 stem without max-pool (for small images)")
+    arch: str = param("resnet18", f"backbone architecture: {ARCH_RULE} (bissl_kit.backbones)", check=check_arch)
+    width: int = param(16, "channels of layer1 of the kit's ResNets (64 = standard ResNet, 16 = narrow CPU default)",
+                       low=1, high=512)
+    small_stem: bool = param(True, "the kit's ResNets: 3×3 stride-1 stem without max-pool (for small images)")
     method: str = param("simclr", "pretext method", choices=METHODS)
     temperature: float = param(0.2, "SimCLR NT-Xent temperature τ (the paper: 0.5)", low=0, low_inclusive=False)
     byol_ema: float = param(0.99, "BYOL target EMA momentum", low=0, high=1, high_inclusive=False)
@@ -93,12 +102,14 @@ class PretrainConfig(Config):
     init_checkpoint: str | None = param(None, "start from this pre-training checkpoint's weights instead of a random "
                                         "initialisation (a continued run; the architecture fields must match it)",
                                         resumable=True)
-    bf16: bool = param(False, "bfloat16 autocast for forward passes (faster on recent CPUs and GPUs; docs/benchmarks.md)")
+    bf16: bool = speed.bf16_param()
+    channels_last: bool = speed.channels_last_param()
+    compile: bool = speed.compile_param()
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (SyncBatchNorm, as the paper's "
                           "pre-training) instead of per-rank shards; no effect in one process", resumable=True)
     # Monitoring
-    eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits)",
-                              choices=("digits", "fashion_mnist"))
+    eval_dataset: str = param("digits", "labelled set for the k-NN monitor (its train → val splits): a dataset "
+                              "name, a registered one or a task folder path", check=check_dataset_name)
     eval_labels_per_class: int | None = param(None, "labelled train images per class of the k-NN monitor; "
                                               "None = the whole train split", low=1)
     knn_every: int = param(100, "k-NN accuracy every this many steps (and at the end); 0 = only at the end",
@@ -126,9 +137,25 @@ class PretrainConfig(Config):
             raise ConfigError(f"lowres_size={self.lowres_size!r} must be (min, max) with 1 <= min <= max <= "
                               f"image_size={self.image_size}")
 
+    # the paper's settings (bissl_kit.presets, each value with its spec §); options given override them
+    @classmethod
+    def paper_iclr(cls, *, baseline: bool = False, **overrides) -> "PretrainConfig":
+        """V1: ResNet-18, SimCLR on STL10 unlabeled+train at 96 px, 500 epochs (600 with ``baseline=True``)."""
+        from .presets import pretrain_values
+        return cls.from_dict({**pretrain_values("iclr", baseline=baseline), **overrides})
+
+    @classmethod
+    def paper_neurips(cls, *, method: str = "simclr", **overrides) -> "PretrainConfig":
+        """V3: ResNet-50, SimCLR or BYOL (EMA 0.9995) on ImageNet at 96 px, 500 epochs."""
+        from .presets import pretrain_values
+        return cls.from_dict({**pretrain_values("neurips", method=method), **overrides})
+
     # what a saved config without these fields (written before they existed) ran with
     SAVED_DEFAULTS: ClassVar[dict] = {"lowres_p": 0.0, "knn_bn": "running", "pretext_forward": "joint",
                                       "partial_batch": "drop", "official_first_step": False, "init_checkpoint": None}
+    # between 4bfaaad and 6f9ba7b (2026-12-01) None meant the augmentation chain's own choice
+    SAVED_NONE: ClassVar[dict] = {"pretext_forward": lambda v: "per_view" if v.get("paper_augment") else "joint",
+                                  "partial_batch": lambda v: "keep" if v.get("paper_augment") else "drop"}
 
     # the fields a continued run must share with the run it continues (the network and what it sees)
     ARCHITECTURE: ClassVar[tuple] = ("pretext_dataset", "image_size", "arch", "width", "small_stem", "method",
@@ -211,8 +238,10 @@ class Pretrainer:
         # rank 0 alone locks the folder, logs and writes checkpoints; every rank resumes from them
         self.run_dir = RunDir(cfg.out_dir, CHECKPOINT_KIND, cfg, identity=identity, lineage=lineage)
         self.log = self.run_dir.log
-        self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size)
-        self.run_dir.identity["pretext_data"] = data_mod.fingerprint(self.images)
+        workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+        self.images = data_mod.load_pretext(cfg.pretext_dataset, root=cfg.data_root, image_size=cfg.image_size,
+                                            workers=workers)
+        self.run_dir.identity["pretext_data"] = pretext_fingerprint(self.images)
         if cfg.batch_size > len(self.images):
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the pretext set "
                               f"({len(self.images)} images)")
@@ -225,9 +254,15 @@ class Pretrainer:
         self.mean, self.std = self.view_specs[0].mean, self.view_specs[0].std
         self.knn_train = data_mod.load_downstream(cfg.eval_dataset, "train", root=cfg.data_root,
                                                   image_size=cfg.image_size,
-                                                  labels_per_class=cfg.eval_labels_per_class)
+                                                  labels_per_class=cfg.eval_labels_per_class).materialize()
         self.knn_val = data_mod.load_downstream(cfg.eval_dataset, "val", root=cfg.data_root,
-                                                image_size=cfg.image_size)
+                                                image_size=cfg.image_size).materialize()
+        if self.knn_train.multilabel:
+            raise ConfigError(f"eval_dataset={cfg.eval_dataset!r} is multi-label; the k-NN monitor votes for one class "
+                              "per image, so eval_dataset must be a single-label set (docs/data.md)")
+        if self.knn_train.images.shape[1] != channels:
+            raise ConfigError(f"eval_dataset={cfg.eval_dataset!r} has {self.knn_train.images.shape[1]} channel(s) but the "
+                              f"pretext images have {channels}; choose an eval_dataset with {channels} (docs/data.md)")
         self.bn_images = knn_bn_images(self.images)
         self.model = build_model(cfg, channels)
         if self.init is not None:
@@ -235,7 +270,7 @@ class Pretrainer:
             load_state(self.model, self.init["model"], where=cfg.init_checkpoint)
             if hasattr(self.model, "reset_target"):
                 self.model.reset_target()  # BYOL: the target restarts from the online weights, as in BiSSL
-        self.model.to(self.device)
+        speed.memory_format(self.model.to(self.device), cfg.channels_last)
         self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                               momentum=cfg.momentum)
         self.step = 0
@@ -250,6 +285,10 @@ class Pretrainer:
                               f"per epoch, which does not split into {distributed.world_size()} equal shards; choose "
                               "another batch_size or partial_batch='drop'")
         self.batches_per_epoch = n // b + (1 if self.partial else 0)
+        # a streamed set: a DataLoader decodes each step's images ahead, in the order batch_indices gives
+        self.batches = StepBatches(self.images, self.batch_indices, stop=cfg.steps, workers=workers,
+                                   pin_memory=cfg.pin_memory and self.device.type == "cuda",
+                                   prefetch_factor=cfg.prefetch_factor)
         self.run_dir.open()  # every check passed: now the folder is ours (a second process is refused)
         try:
             self._resume()
@@ -259,7 +298,7 @@ class Pretrainer:
         if cfg.sync_bn and distributed.is_distributed():
             distributed.convert_sync_batchnorm(self.model)
         # model.loss, through DistributedDataParallel under torchrun (gradients averaged across ranks)
-        self.loss_fn = distributed.loss_module(self.model)
+        self.loss_fn = speed.compiled(distributed.loss_module(self.model), cfg.compile)
 
     # ---- persistence ---------------------------------------------------------------------------
     @property
@@ -323,13 +362,17 @@ class Pretrainer:
         of the run it continues."""
         return "pretext" if self.init is None else "matched-pretext"
 
-    def batch(self, step: int) -> torch.Tensor:
-        """The uint8 images of ``step``: epoch e's batches follow a permutation seeded by (seed, e)."""
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """The pretext items of ``step``: epoch e's batches follow a permutation seeded by (seed, e)."""
         epoch, i = divmod(step, self.batches_per_epoch)
-        perm = generator(self.cfg.seed, f"{self.stream}-order", epoch)
-        order = torch.randperm(len(self.images), generator=perm)
-        idx = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        return self.images[idx]
+        if getattr(self, "_order_epoch", None) != epoch:  # one permutation per epoch (ImageNet's takes ~40 ms)
+            perm = generator(self.cfg.seed, f"{self.stream}-order", epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.images), generator=perm), epoch
+        return self._order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The uint8 images of ``step`` (:meth:`batch_indices`), sliced or streamed."""
+        return self.batches.get(step)
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -339,8 +382,9 @@ class Pretrainer:
         x = self.batch(step).to(self.device)
         v1, v2 = two_views(x, *self.view_specs, generator(cfg.seed, f"{self.stream}-views", step))
         v1, v2 = distributed.shard(v1), distributed.shard(v2)  # this rank's part of the global batch
+        v1, v2 = speed.inputs(v1, cfg.channels_last), speed.inputs(v2, cfg.channels_last)
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with speed.autocast(self.device, cfg.bf16):
             loss = self.loss_fn(v1, v2)
         value = distributed.mean_value(loss.detach())  # the global batch's loss
         if not torch.isfinite(value):
@@ -374,6 +418,7 @@ class Pretrainer:
             yield from self._loop(bar, t0, main)
         finally:
             self.run_dir.close()  # the folder is free for others once the run ends or stops
+            self.batches.close()  # a streamed set's loader workers
         if bar is not None:
             bar.close()
 

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 # how the tables, the protocol and the figure name each arm of bissl_kit.compare.ARMS
 ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
 
+# the BiSSL run of each row last, so that the columns before replication keep their places
 CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "run",
-              "test_protocol")
+              "test_protocol", "bissl_seed", "bissl_run", "val_map", "test_map")
 
 
 def csv_text(results: dict) -> str:
@@ -33,7 +34,8 @@ def csv_text(results: dict) -> str:
     for t in results["tasks"]:
         for arm, a in t["arms"].items():
             for s in a["seeds"]:
-                w.writerow({"task": t["task"], "arm": arm, **s})
+                w.writerow({"task": t["task"], "bissl_seed": t["bissl_run"]["seed"], "bissl_run": t["bissl_run"]["dir"],
+                            "arm": arm, **s})
     return buf.getvalue()
 
 
@@ -46,22 +48,30 @@ def _pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _run_label(results: dict, t: dict) -> str:
+    """The task, and with several BiSSL replicates which run of it a row is."""
+    replicated = results["config"].get("bissl_replicates", 1) > 1
+    return f"{t['task']} · BiSSL seed {t['bissl_run']['seed']}" if replicated else t["task"]
+
+
 def comparison_table(results: dict) -> str:
-    """The Markdown tables the README quotes: per arm, then the paired differences, then the protocol."""
-    lines = ["| task | pipeline | n | test top-1 % (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
+    """The Markdown tables the README quotes: per arm, then the paired differences (per BiSSL run), then,
+    with several BiSSL replicates, the test over them."""
+    lines = ["| task | pipeline | n | test top-1 % or mAP (mean ± 95% CI) | test top-5 % | lr / wd (chosen on val) "
              "| k-NN test % | linear probe test % |", "|---|---|---|---|---|---|---|---|"]
     edges = []
     for t in results["tasks"]:
         for arm, a in t["arms"].items():
-            m1, m5 = a["test_top1"], a["test_top5"]
-            top1 = f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" if m1 else "failed"
-            top5 = f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
+            multilabel = "test_map" in a  # VOC07: its mAP (×100) in the top-1 column, no top-5
+            m1, m5 = (a["test_map"], None) if multilabel else (a["test_top1"], a["test_top5"])
+            top1 = (f"{_pct(m1['mean'])} ± {_pct(m1['half_width'])}" + (" mAP" if multilabel else "")) if m1 else "failed"
+            top5 = "—" if multilabel else f"{_pct(m5['mean'])} ± {_pct(m5['half_width'])}" if m5 else "failed"
             label = ARM_LABELS[arm] + (f" (+{t['matched_extra_steps']} pretext steps)" if arm == "baseline_matched" else "")
             # results written before the search recorded its edges carry none
             edge = a["chosen"].get("edges") or []
             if edge:
                 edges.append(f"{t['task']}, {ARM_LABELS[arm]}: {'; '.join(edge)}")
-            lines.append(f"| {t['task']} | {label} | {m1['n'] if m1 else 0} | {top1} | {top5} | "
+            lines.append(f"| {_run_label(results, t)} | {label} | {m1['n'] if m1 else 0} | {top1} | {top5} | "
                          f"{a['chosen']['lr']:.3g} / {a['chosen']['weight_decay']:.3g}{' †' if edge else ''} | "
                          f"{_pct(a['frozen']['knn'])} | {_pct(a['frozen'].get('probe'))} |")
     if edges:
@@ -73,10 +83,32 @@ def comparison_table(results: dict) -> str:
         for p in t["paired"]:
             if not p["n"]:
                 continue
-            lines.append(f"| {t['task']} | {ARM_LABELS[p['a']]} − {ARM_LABELS[p['b']]} | {p['metric']} | {p['n']} | "
-                         f"{100 * p['mean_diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}] | "
+            lines.append(f"| {_run_label(results, t)} | {ARM_LABELS[p['a']]} − {ARM_LABELS[p['b']]} | {p['metric']} | "
+                         f"{p['n']} | {100 * p['mean_diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}] | "
                          f"{p['t']:.2f} | {p['p']:.3g} |")
+    if results.get("replication"):
+        lines += ["", replication_table(results["replication"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def replication_table(records: list[dict]) -> str:
+    """The test over BiSSL replicates (one mean paired difference per run) and the variance split."""
+    lines = ["| task | difference (over BiSSL runs) | metric | R | per-run mean diffs, points | mean diff [95% CI] "
+             "| t (df) | p | SD between runs / between fine-tuning seeds, points |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if not r["n"]:
+            continue
+        v = r["variance"]
+        per = ", ".join(f"{100 * x['mean_diff']:+.2f} (seed {x['bissl_seed']})" for x in r["replicates"])
+        sds = f"{_points_sd(v['var_between'])} / {_points_sd(v['var_within'])}"
+        lines.append(f"| {r['task']} | {ARM_LABELS[r['a']]} − {ARM_LABELS[r['b']]} | {r['metric']} | {r['n']} | {per} | "
+                     f"{100 * r['mean_diff']:+.2f} [{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}] | "
+                     f"{r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {sds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _points_sd(var) -> str:
+    return "n/a" if var is None or math.isnan(var) else f"{100 * math.sqrt(var):.2f}"
 
 
 def protocol_text(results: dict) -> str:
@@ -84,15 +116,20 @@ def protocol_text(results: dict) -> str:
     c = results["config"]
     out = []
     for t in results["tasks"]:
+        if t.get("replicate", 0):  # one paragraph per task: its replicates differ only in the stage seed
+            continue
         b = t["bissl_run"]
+        seeds = [u["bissl_run"]["seed"] for u in results["tasks"] if u["task"] == t["task"]]
         arm0 = next(iter(t["arms"].values()))
         out.append(
             f"- **{t['task']}** ({t['n_train']} train / {t['n_val']} val / {t['n_test']} test images). Every arm: "
             f"random search of {c['trials']} (lr, wd) pairs shared by all arms (log-uniform, lr in "
             f"[{c['lr_range'][0]:g}, {c['lr_range'][1]:g}], wd in [{c['wd_range'][0]:g}, {c['wd_range'][1]:g}]), "
-            f"selected on val top-1 of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
+            f"selected on val {'mAP' if 'test_map' in arm0 else 'top-1'} "
+            f"of the {c['select']}-epoch model, then {c['seeds']} seeds evaluated once on test; "
             f"fine-tuning {c['epochs']} epochs, batch {c['batch_size']}, SGD momentum {c['momentum']:g}, cosine. "
-            f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
+            + (f"{len(seeds)} BiSSL runs (stage seeds {', '.join(map(str, seeds))}), each: " if len(seeds) > 1 else "")
+            + f"BiSSL run: {b['stages']} stages × (N_L {b['lower_steps']}, N_U {b['upper_steps']}), γ {b['gamma']:g}, "
             f"solver {b['solver']}{_times(b.get('solver_iters', b.get('cg_iters')))}; "
             f"matched baseline: +{t['matched_extra_steps']} pretext steps. "
             + ("Backbones moved from the pretext one by (relative L2 of the parameters) "

@@ -48,3 +48,41 @@ def paired_ttest(a, b, confidence: float = 0.95) -> dict:
     return {"n": n, "mean_diff": ci["mean"] if ci else math.nan, "lo": ci["lo"] if ci else math.nan,
             "hi": ci["hi"] if ci else math.nan, "t": t, "df": n - 1, "p": p, "confidence": confidence,
             "test": f"two-sided paired t-test over seeds, n = {n}"}
+
+
+def replicate_test(per_replicate, confidence: float = 0.95) -> dict:
+    """The test over whole-run replicates: a two-sided one-sample t-test of the per-replicate mean paired
+    differences against 0 (t over R, df R − 1) with the t-interval of their mean. The replicate, not the
+    fine-tuning seed, is the unit: R runs of the stage are R draws of what the method gives."""
+    d = [float(x) for x in per_replicate]
+    res = paired_ttest(d, [0.0] * len(d), confidence)
+    return {**res, "test": f"two-sided one-sample t-test of the per-run mean differences, R = {len(d)}"}
+
+
+def variance_split(groups) -> dict:
+    """One-way random-effects ANOVA of paired differences grouped by replicate (``groups``: one list of
+    per-fine-tuning-seed differences per replicate): d_rs = μ + a_r + e_rs, Var a = σ²_between (the run),
+    Var e = σ²_within (the fine-tuning seed). Method-of-moments estimates: σ²_within = MSW,
+    σ²_between = max(0, (MSB − MSW)/n₀) with n₀ = (N − Σn_r²/N)/(R − 1) (n₀ = n when balanced); F = MSB/MSW
+    on (R − 1, N − R) degrees of freedom tests σ²_between = 0. NaN where a part is undefined."""
+    gs = [np.asarray(list(g), dtype=float) for g in groups]
+    gs = [g for g in gs if len(g)]
+    r, sizes = len(gs), np.array([len(g) for g in gs], dtype=float)
+    n_all = float(sizes.sum())
+    nan = math.nan
+    if r < 2 or n_all <= r:
+        return {"replicates": r, "n": int(n_all), "ms_between": nan, "ms_within": nan, "var_between": nan,
+                "var_within": nan, "share_between": nan, "f": nan, "p": nan, "df_between": r - 1,
+                "df_within": int(n_all - r)}
+    grand = float(np.concatenate(gs).mean())
+    ssb = float(sum(len(g) * (g.mean() - grand) ** 2 for g in gs))
+    ssw = float(sum(((g - g.mean()) ** 2).sum() for g in gs))
+    msb, msw = ssb / (r - 1), ssw / (n_all - r)
+    n0 = (n_all - float((sizes ** 2).sum()) / n_all) / (r - 1)
+    var_b, var_w = max(0.0, (msb - msw) / n0), msw
+    total = var_b + var_w
+    f = msb / msw if msw > 0 else nan
+    p = float(stats.f.sf(f, r - 1, n_all - r)) if msw > 0 else nan
+    return {"replicates": r, "n": int(n_all), "ms_between": msb, "ms_within": msw, "var_between": var_b,
+            "var_within": var_w, "share_between": var_b / total if total > 0 else nan, "f": f, "p": p,
+            "df_between": r - 1, "df_within": int(n_all - r)}

@@ -230,3 +230,26 @@ def test_presets_are_the_spec_defaults():
     assert iclr.gamma == 0.01 and neurips.gamma == 1.0
     assert BisslConfig.embedded(paper_mode=True).solver == "layerwise"
     assert BisslConfig.embedded().hvp == "reuse"
+
+
+def test_no_solve_is_x_equals_v_and_the_upper_step_is_its_formula():
+    # solver='none': x is v itself (no product, no Hessian built), and with γ = 0 the first upper step is
+    # SGD's first step on v: θ_D ← θ_D − lr (v + wd θ_D) (the momentum buffer starts as the gradient)
+    lower, upper, head, data = make_problem()
+    cfg = cfg_for(0.0, solver="none", solver_iters=None, upper_clip=None, upper_steps=1, stages=1)
+    seen = {}
+
+    def observe(op, v, sol):
+        seen.update(op=op, v=[t.clone() for t in v], same=all(torch.equal(a, b) for a, b in zip(sol.x, v)),
+                    theta_d=[p.detach().clone() for p in upper.parameters()], products=sol.n_products)
+
+    trainer = BisslTrainer(cfg, lower, upper, head, data)
+    trainer.solve_observer = observe
+    rec = next(r for r in trainer.run(1) if r["kind"] == "upper")
+    assert seen["op"] is None and seen["same"] and seen["products"] == 0 and rec["solver_iterations"] == 0
+    for before, v, after in zip(seen["theta_d"], seen["v"], upper.parameters()):
+        expected = before - rec["lr"] * (v + cfg.upper_weight_decay * before)
+        torch.testing.assert_close(after.detach(), expected, rtol=1e-12, atol=1e-14)
+    assert cfg.resolved_solver_iters == 0 and cfg.replace(solver_iters=5).identity() == cfg.identity()
+    with pytest.raises(ConfigError, match="solver='none'"):
+        cfg.replace(warm_start="previous")

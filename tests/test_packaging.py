@@ -17,12 +17,20 @@ def _name_and_spec(req: str):
     return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
 
 
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
 def test_environment_yml_matches_pyproject():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The conda environment is the full kit: the core dependencies and the notebooks extra, from conda-forge
+    alone (the pytorch channel stopped receiving builds)."""
+    project = _pyproject()
+    deps = project["dependencies"] + project["optional-dependencies"]["notebooks"]
     pip = dict(_name_and_spec(d) for d in deps)
     conda = {}
     in_deps = False
-    for line in (REPO / "environment.yml").read_text().splitlines():
+    text = (REPO / "environment.yml").read_text()
+    for line in text.splitlines():
         if line.startswith("dependencies:"):
             in_deps = True
             continue
@@ -32,7 +40,35 @@ def test_environment_yml_matches_pyproject():
             if name not in ("python", "pip"):
                 conda[CONDA_TO_PIP.get(name, name)] = spec
     assert conda == pip
-    assert "- -e ." in (REPO / "environment.yml").read_text()  # the kit itself
+    assert "- -e ." in text  # the kit itself
+    channels = re.search(r"^channels:\n((?:  - .*\n)+)", text, re.M).group(1).split()
+    assert [c for c in channels if c != "-"] == ["conda-forge"]
+
+
+# what a cluster node installs: the stages and the command line, nothing for notebooks or figures
+CORE_DEPENDENCIES = {"torch", "torchvision", "numpy", "scipy", "scikit-learn", "tqdm"}
+
+
+def test_core_install_is_the_stages_only():
+    project = _pyproject()
+    assert {_name_and_spec(d)[0] for d in project["dependencies"]} == CORE_DEPENDENCIES
+    extras = project["optional-dependencies"]
+    notebooks = {_name_and_spec(d)[0] for d in extras["notebooks"]}
+    assert {"jupyterlab", "plotly", "kaleido", "umap-learn", "papermill", "tensorboard"} <= notebooks
+    assert {_name_and_spec(d) for d in extras["ray"]} == {("ray", ">=2.40")}
+    assert {_name_and_spec(d) for d in extras["tensorboard"]} == {("tensorboard", ">=2.15")}
+    assert project["scripts"]["bissl-kit"] == "bissl_kit.__main__:main"
+    # the README's and the Makefile's install is the full kit
+    assert ".[notebooks,test]" in (REPO / "Makefile").read_text()
+
+
+def test_console_script_entry_point_runs_the_cli():
+    """``bissl-kit`` is ``python -m bissl_kit``: the entry point's function parses the stages (a bad option is
+    the stage's usage error, exit 2, as from ``python -m``)."""
+    code = ("import sys; from bissl_kit.__main__ import main; sys.argv = ['bissl-kit', 'pretrain', '--steps', '0']; "
+            "sys.exit(main())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "pretrain: error: steps=0" in out.stderr, out.stderr[-2000:]
 
 
 def test_ci_runs_the_readme_test_command():
@@ -46,9 +82,13 @@ def test_ci_runs_the_readme_test_command():
 # or a CI job of the library alone, must not need them. umap-learn is the computation of notebook 04's
 # pictures, imported by bissl_kit.features only inside the function that fits it.
 PRESENTATION = ("plotly", "ipywidgets", "anywidget", "kaleido", "umap")
-CORE = ("config", "rng", "rundir", "checkpoint", "backbones", "data", "augment", "models", "losses", "pretext",
-        "optim", "evaluate", "stats", "implicit", "pretrain", "bissl", "finetune", "hpo", "compare", "reports",
-        "features", "distributed", "notebooks", "__main__")
+# the rest of the notebooks extra (and the optional backbone library): a core install lacks them, so no stage
+# may import them at import time; bissl_kit.notebooks imports papermill inside the function that runs notebooks
+NOTEBOOK_ONLY = PRESENTATION + ("jupyterlab", "ipykernel", "IPython", "papermill", "nbformat", "jupytext",
+                                "tensorboard", "timm", "ray")
+CORE = ("config", "rng", "rundir", "checkpoint", "backbones", "speed", "reproduce", "data", "augment", "models",
+        "losses", "pretext", "optim", "evaluate", "stats", "implicit", "pretrain", "bissl", "finetune", "hpo", "compare",
+        "reports", "features", "distributed", "notebooks", "__main__")
 
 
 def _core_modules() -> list[str]:
@@ -83,14 +123,25 @@ print(json.dumps(failed))
 """
 
 
+def test_importing_the_stages_loads_no_notebook_library():
+    """Installed or not, ``import bissl_kit.pretrain`` (and every stage, the CLI) loads none of the notebooks
+    extra: a lazy import stays lazy."""
+    code = ("import json, sys, importlib\n"
+            f"for m in {_core_modules()!r}: importlib.import_module(m)\n"
+            f"print(json.dumps(sorted({{n for n in sys.modules if n.partition('.')[0] in {NOTEBOOK_ONLY!r}}})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == []
+
+
 def test_every_core_module_imports_without_the_presentation_libraries():
     modules = _core_modules()
-    code = _WITHOUT_PRESENTATION.format(blocked=PRESENTATION, modules=modules)
+    code = _WITHOUT_PRESENTATION.format(blocked=NOTEBOOK_ONLY, modules=modules)
     # cwd = the repository: '' heads sys.path under -c, so this tree is imported, not an installed copy
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     failed = json.loads(out.stdout.splitlines()[-1])
-    assert failed == {}, f"modules that do not import without {', '.join(PRESENTATION)}: {failed}"
+    assert failed == {}, f"modules that do not import without {', '.join(NOTEBOOK_ONLY)}: {failed}"
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

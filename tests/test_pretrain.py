@@ -160,6 +160,14 @@ def test_a_config_saved_before_lowres_and_knn_bn_reads_as_what_it_ran():
     assert PretrainConfig.from_saved(PretrainConfig().to_dict()) == PretrainConfig()  # new ones unchanged
 
 
+def test_a_config_saved_when_none_meant_the_chains_own_reads_as_what_it_ran():
+    from bissl_kit.pretrain import PretrainConfig
+    for paper, forward, partial in ((False, "joint", "drop"), (True, "per_view", "keep")):
+        old = {**PretrainConfig().to_dict(), "paper_augment": paper, "pretext_forward": None, "partial_batch": None}
+        cfg = PretrainConfig.from_saved(old)
+        assert (cfg.pretext_forward, cfg.partial_batch) == (forward, partial)
+
+
 def test_pretraining_runs_one_forward_per_view_and_keeps_the_partial_batch(tiny_pretrain):
     from bissl_kit.pretrain import PretrainConfig, as_run
     assert (PretrainConfig().pretext_forward, PretrainConfig().partial_batch) == ("per_view", "keep")

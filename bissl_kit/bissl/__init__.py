@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, speed
 from ..checkpoint import CheckpointError, content_signature
 from ..rng import resolve_device
 from .batches import BilevelData, LevelIterator, build_data, upper_steps_per_stage
@@ -72,7 +72,8 @@ def build_trainer(cfg: BisslConfig, *, resume: bool = True) -> BisslTrainer:
     head = linear_head(upper.feat_dim, data.num_classes)
     # the run depends on the content of the pre-training checkpoint, not on where it lies
     signature = content_signature(cfg.pretrain_checkpoint)
-    trainer = BisslTrainer(cfg, lower.to(device), upper.to(device), head.to(device), data, device=device,
+    lower, upper = (speed.memory_format(m.to(device), cfg.channels_last) for m in (lower, upper))
+    trainer = BisslTrainer(cfg, lower, upper, head.to(device), data, device=device,
                            out_dir=cfg.out_dir, identity={"pretrain_checkpoint": signature, **data.identity},
                            lineage={"pretrain_config": pre_cfg.to_dict(),
                                     "init": {"checkpoint": str(cfg.pretrain_checkpoint), "signature": signature}})

@@ -92,6 +92,7 @@ class BilevelData:
     downstream_batch: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]]
     val: tuple[torch.Tensor, torch.Tensor] | None = None
     num_classes: int | None = None
+    val_difficult: torch.Tensor | None = None  # multi-label val split: the images AP ignores per class (VOC07)
     identity: dict = field(default_factory=dict)  # fingerprints of the data, checked when a run resumes
 
 
@@ -112,7 +113,10 @@ def build_data(cfg: BisslConfig, pre_cfg, device: torch.device) -> BilevelData:
     from ..augment import augment, downstream_train_spec, normalize, two_views
     from ..pretrain import pretext_view_specs
 
-    images = data_mod.load_pretext(pre_cfg.pretext_dataset, root=cfg.data_root, image_size=pre_cfg.image_size)
+    from ..data.pretext import default_workers, pretext_fingerprint
+    # a streamed pretext set decodes each lower batch in a pool of loader_workers threads
+    images = data_mod.load_pretext(pre_cfg.pretext_dataset, root=cfg.data_root, image_size=pre_cfg.image_size,
+                                   workers=default_workers() if cfg.loader_workers is None else cfg.loader_workers)
     channels = images.shape[1]
     views = pretext_view_specs(pre_cfg, channels)
     train = data_mod.load_downstream(cfg.downstream, "train", root=cfg.data_root, image_size=pre_cfg.image_size,
@@ -132,8 +136,8 @@ def build_data(cfg: BisslConfig, pre_cfg, device: torch.device) -> BilevelData:
         x = augment(train.images[idx].to(device), down_spec, generator(cfg.seed, "bissl-down", *tag))
         return x, train.labels[idx].to(device)
 
-    identity = {"pretext_data": data_mod.fingerprint(images),
+    identity = {"pretext_data": pretext_fingerprint(images),
                 "downstream_data": data_mod.fingerprint(train.images, train.labels, val.images, val.labels)}
     return BilevelData(len(images), len(train.labels), pretext_views, downstream_batch,
                        val=(normalize(val.images.to(device), mean, std), val.labels.to(device)),
-                       num_classes=train.num_classes, identity=identity)
+                       num_classes=train.num_classes, identity=identity, val_difficult=val.difficult)

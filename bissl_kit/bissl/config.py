@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import data as data_mod
+from .. import speed
 from ..config import Config, ConfigError, device_param, param
 from ..implicit import DEFAULT_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS
+from ..losses import MULTILABEL_LOSSES
 
 CHECKPOINT_KIND = "bissl"
 
@@ -24,7 +26,7 @@ PAPER_MODE = dict(solver=PAPER_SOLVER["solver"], solver_iters=PAPER_SOLVER["max_
                   warm_start=PAPER_SOLVER["warm_start"], nonfinite=PAPER_SOLVER["nonfinite"], hvp="recompute",
                   hessian_batch="fresh", hessian_batches=1, bn_stats="update", official_first_step=True,
                   pretext_forward="per_view", partial_batch="keep", upper_short_loader="cycle",
-                  nonfinite_loss="continue")
+                  nonfinite_loss="continue", multilabel_loss="softmax_ce")
 # V3's upper lr / weight decay per downstream set and pretext method (spec §2.5, from its models/*.json),
 # under the kit's dataset names; the other V3 settings are the same for every set
 PAPER_NEURIPS_UPPER = {
@@ -44,9 +46,12 @@ class BisslConfig(Config):
     # Inputs
     pretrain_checkpoint: str = param("runs/pretrain/checkpoint.pt",
                                      "pre-training checkpoint (θ_P, φ_P); θ_D starts as a copy of θ_P", resumable=True)
-    downstream: str = param("digits", "downstream dataset (bissl_kit.data.DATASETS)", choices=tuple(data_mod.DATASETS))
+    downstream: str = param("digits", "downstream dataset: a name of bissl_kit.data.DATASETS (built-in or registered) "
+                            "or a task folder path (docs/data.md)", check=data_mod.check_dataset_name)
     labels_per_class: int | None = param(None, "few-label train split: labelled images per class; None = all", low=1)
     data_root: str | None = param(None, "dataset root; None searches $BISSL_DATA, data/, the Debian package", resumable=True)
+    loader_workers: int | None = param(None, "threads decoding a streamed pretext set's lower batches; None = the "
+                                       "CPUs, up to 8", low=0, resumable=True)
     # Stage counts
     stages: int = param(20, "T: bilevel stages (paper 500)", low=1, resumable=True)
     lower_steps: int = param(20, "N_L: lower (pretext) steps per stage", low=0)
@@ -59,7 +64,8 @@ class BisslConfig(Config):
     # Hypergradient solver
     # the defaults are the implicit engine's RECOMMENDED_SOLVER (one MINRES iteration; docs/benchmarks.md)
     solver: str = param(RECOMMENDED_SOLVER["solver"], "'layerwise' (official per-tensor recursion), 'cg' (true "
-                        "conjugate gradient) or 'minres' (valid when A = I + H/(λ+δ) is indefinite)",
+                        "conjugate gradient), 'minres' (valid when A = I + H/(λ+δ) is indefinite) or 'none' (no solve: x = v, "
+                        "the first-order approximation)",
                         choices=tuple(SOLVERS))
     solver_iters: int | None = param(None, "K: solver iterations; None = the solver's default (5 for 'layerwise' and "
                                      "'cg', the official count; 1 for 'minres')", low=1)
@@ -107,6 +113,9 @@ class BisslConfig(Config):
     upper_lr: float = param(0.015, "upper SGD base lr (also the head warm-up lr)", low=0, low_inclusive=False)
     upper_weight_decay: float = param(0.01, "upper SGD weight decay (coupled, as torch.optim.SGD)", low=0)
     upper_momentum: float = param(0.9, "upper SGD momentum", low=0, high=1, high_inclusive=False)
+    multilabel_loss: str = param("softmax_ce", "upper-level (and head warm-up) loss of a multi-label task (VOC07): "
+                                 "softmax CE on the multi-hot vector (official, C15) or per-class sigmoid BCE; "
+                                 "fine-tuning has the same field", choices=MULTILABEL_LOSSES)
     upper_clip: float | None = param(10.0, "clip norm of the upper gradients (θ_D, φ_D); None = off", low=0, low_inclusive=False)
     official_first_step: bool = param(True, "schedules run their first step at the full base lr (official, C13)")
     # Running
@@ -114,12 +123,18 @@ class BisslConfig(Config):
     device: str = device_param()
     sync_bn: bool = param(False, "under torchrun: BatchNorm over the global batch (bissl_kit.distributed.SyncBatchNorm, "
                           "exact against one process) instead of per-rank shards (official); no effect in one process")
+    # bissl_kit.speed: channels_last is valid here; bf16 and compile are not (double backward), and are errors
+    channels_last: bool = speed.channels_last_param()
+    bf16: bool = param(False, "not valid in the BiSSL stage (an error naming why; bissl_kit.speed)")
+    compile: bool = param(False, "not valid in the BiSSL stage (an error naming why; bissl_kit.speed)")
     out_dir: str = param("runs/bissl", "run directory: checkpoint, metrics, config", resumable=True)
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
     @property
     def resolved_solver_iters(self) -> int:
         """K as run: ``solver_iters``, or the solver's default when it is None."""
+        if self.solver == "none":  # no solve, so no iterations, whatever a template left in solver_iters
+            return 0
         return self.solver_iters if self.solver_iters is not None else DEFAULT_ITERS[self.solver]
 
     def identity(self) -> dict:
@@ -127,6 +142,9 @@ class BisslConfig(Config):
         return {**super().identity(), "solver_iters": self.resolved_solver_iters}
 
     def check(self):
+        if self.solver == "none" and self.warm_start != "none":
+            raise ConfigError(f"warm_start={self.warm_start!r} needs a solver; solver='none' (x = v) has no start")
+        speed.check_bissl(self)
         if self.solver == "layerwise" and self.warm_start != "none":
             raise ConfigError(f"warm_start={self.warm_start!r} needs solver='cg'; the layerwise recursion "
                               "always starts at x = 0")

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from .. import distributed, speed
 from ..config import ConfigError
-from ..evaluate import accuracy_topk
+from ..downstream import classification_metrics
+from ..losses import downstream_loss
 from ..implicit import AveragedOperator, HessianOperator, HypergradientSolver, NonFiniteError, isolated_bn_buffers, rank_mean
 from ..optim import LARS, set_lr, warmup_cosine
 from ..rng import generator
@@ -124,12 +124,13 @@ class BisslTrainer(StageState):
         """This rank's shard of the two views of the global pretext batch ``idx`` (the whole batch
         in one process)."""
         v1, v2 = self.data.pretext_views(idx, tag)
-        return distributed.shard(v1), distributed.shard(v2)
+        return tuple(speed.inputs(distributed.shard(v), self.cfg.channels_last) for v in (v1, v2))
 
     def _downstream(self, idx: torch.Tensor, tag: tuple):
         """This rank's part of a downstream batch and the weight of its mean loss (1 in one process and
         for equal shards; a kept partial batch may split unevenly, see :func:`distributed.split`)."""
         x, y = self.data.downstream_batch(idx, tag)
+        x = speed.inputs(x, self.cfg.channels_last)
         if len(x) % distributed.world_size() == 0:
             return distributed.shard(x), distributed.shard(y), 1.0
         (x, y), weight = distributed.split(x, y)
@@ -180,7 +181,7 @@ class BisslTrainer(StageState):
                 x, y, weight = self._downstream(it.next(), ("head", epoch, b))
                 with torch.no_grad():
                     feats = self.upper(x)
-                loss = _weighted(F.cross_entropy(self.head(feats), y), weight)
+                loss = _weighted(downstream_loss(self.head(feats), y, c.multilabel_loss), weight)
                 value = distributed.mean_value(loss.detach())
                 if not torch.isfinite(value) and c.nonfinite_loss == "raise":
                     raise FloatingPointError(f"head warm-up loss is {value.item()} at epoch {epoch + 1}, step {b + 1} "
@@ -253,7 +254,8 @@ class BisslTrainer(StageState):
         self.lower.train()
         self.upper.train()
         self.head.train()
-        op = self.hessian_operator()
+        # x = v needs no Hessian: building it would cost the products and (bn_stats='update') drift BatchNorm
+        op = None if c.solver == "none" else self.hessian_operator()
         opts = dict(solver=c.solver, max_iter=c.resolved_solver_iters, rtol=c.solver_rtol, warm_start=c.warm_start,
                     nonfinite=c.nonfinite)
         solver = HypergradientSolver(op, **opts)
@@ -268,7 +270,8 @@ class BisslTrainer(StageState):
                 x_in, y, weight = self._downstream(self.upper_it.next(), ("upper", self.upper_step))
                 # implicit term: the upper head on the lower backbone
                 with isolated_bn_buffers(self.lower.backbone, keep_updates=c.bn_stats == "update"):
-                    implicit_loss = _weighted(F.cross_entropy(self.head(self.lower.backbone(x_in)), y), weight)
+                    implicit_loss = _weighted(downstream_loss(self.head(self.lower.backbone(x_in)), y, c.multilabel_loss),
+                                              weight)
                 implicit_value = distributed.mean_value(implicit_loss.detach())
                 self._check_finite(implicit_value, "upper implicit loss", k)
                 grads = distributed.reduce_mean(torch.autograd.grad(implicit_loss, theta_p + phi_d))
@@ -282,7 +285,7 @@ class BisslTrainer(StageState):
                 if self.solve_observer is not None:
                     self.solve_observer(op, v, sol)
                 # classic term: the upper model itself
-                classic_loss = _weighted(F.cross_entropy(self.head(self.upper(x_in)), y), weight)
+                classic_loss = _weighted(downstream_loss(self.head(self.upper(x_in)), y, c.multilabel_loss), weight)
                 classic_value = distributed.mean_value(classic_loss.detach())
                 self._check_finite(classic_value, "upper classic loss", k)
                 g_classic = distributed.reduce_mean(torch.autograd.grad(classic_loss, theta_d + phi_d))
@@ -325,7 +328,7 @@ class BisslTrainer(StageState):
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 512) -> dict:
-        """Top-1/top-5 of the upper model (θ_D, φ_D) on the val split, eval mode."""
+        """Top-1/top-5 (mAP: a multi-label task) of the upper model (θ_D, φ_D) on the val split, eval mode."""
         if self.data.val is None:
             return {}
         x, y = self.data.val
@@ -342,11 +345,8 @@ class BisslTrainer(StageState):
         finally:
             self.upper.train()
             self.head.train()
-        if not distributed.is_distributed():
-            acc = accuracy_topk(logits, y)
-            return {"val_top1": acc[1], "val_top5": acc[5], "val_loss": F.cross_entropy(logits, y).item()}
-        m = distributed.union_metrics(logits, y, n)
-        return {"val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]}
+        m = classification_metrics(logits, y, n, difficult=self.data.val_difficult, multilabel_loss=self.cfg.multilabel_loss)
+        return {f"val_{k}": v for k, v in m.items()}
 
     def _check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
         if not torch.isfinite(value) and self.cfg.nonfinite_loss == "raise":
@@ -413,7 +413,7 @@ class BisslTrainer(StageState):
             self.save()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("val_top1", "implicit_loss") if k in rec})
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("val_top1", "val_map", "implicit_loss") if k in rec})
             yield rec
         if bar is not None:
             bar.close()

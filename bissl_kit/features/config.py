@@ -63,7 +63,7 @@ class FeaturesConfig(Config):
         if bad or not self.stages or len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages={self.stages!r}: each must be one of {', '.join(STAGE_KINDS)}, "
                               "at least one, none twice")
-        if self.downstream is not None and self.downstream not in data_mod.DATASETS:
-            raise ConfigError(f"downstream={self.downstream!r} must be None or one of {', '.join(data_mod.DATASETS)}")
+        if self.downstream is not None:
+            data_mod.check_dataset_name("downstream", self.downstream)
         if self.labels_per_class is not None and self.downstream is None:
             raise ConfigError("labels_per_class needs downstream to be set too (None takes both from the runs)")

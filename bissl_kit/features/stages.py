@@ -200,6 +200,11 @@ def load_task(name: str, labels_per_class: int | None, split: str, pre_cfg, *, d
     size = pre_cfg.image_size
     train = data_mod.load_downstream(name, "train", root=data_root, image_size=size,
                                      labels_per_class=labels_per_class).materialize()
+    if train.multilabel:  # colours, silhouettes, the k-NN and the probe all take one class per image
+        from ..config import ConfigError
+        raise ConfigError(f"features: downstream={name!r} is multi-label (several classes per image); the feature "
+                          "analysis (class colours, silhouette, k-NN, linear probe) needs one class per image, so "
+                          "choose a single-label downstream set")
     ev = data_mod.load_downstream(name, split, root=data_root, image_size=size).materialize()
     view = pretext_view_specs(pre_cfg, train.images.shape[1])[0]
     return TaskData(name, labels_per_class, split, train.images, train.labels, ev.images, ev.labels,

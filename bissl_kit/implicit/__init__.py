@@ -23,13 +23,14 @@ Modules, in the order a solve uses them:
   CG), :func:`cg` and :func:`minres`, one function each, one :class:`SolveResult`.
 * :mod:`~bissl_kit.implicit.recycling`: :class:`KrylovMemory`, the products of a stage kept for
   deflated CG in the later upper steps (A is fixed within a stage).
-* :mod:`~bissl_kit.implicit.hypergradient`: :func:`hypergradient` (one solve, timed) and
+* :mod:`~bissl_kit.implicit.hypergradient`: :func:`hypergradient` (one solve, timed; ``solver="none"`` is
+  :func:`no_solve`, x = v, the first-order approximation) and
   :class:`HypergradientSolver` (the N_U solves of a stage, with warm start or recycling), with the
   presets :data:`PAPER_SOLVER` and :data:`RECOMMENDED_SOLVER`.
 """
 from .hypergradient import (
     DEFAULT_ITERS, OFFICIAL_CG_ITERS, PAPER_SOLVER, RECOMMENDED_SOLVER, SOLVERS, HypergradientSolver, HypergradResult,
-    hypergradient,
+    hypergradient, no_solve,
 )
 from .operators import (
     OFFICIAL_DAMPING, OFFICIAL_LAMBDA, AveragedOperator, DampedOperator, HessianOperator, RankMeanOperator,
@@ -43,5 +44,6 @@ __all__ = [
     "NonFiniteError", "SolveResult", "layerwise", "cg", "minres",
     "DampedOperator", "HessianOperator", "AveragedOperator", "RankMeanOperator", "rank_mean", "isolated_bn_buffers",
     "KrylovMemory",
-    "SOLVERS", "DEFAULT_ITERS", "HypergradResult", "hypergradient", "HypergradientSolver", "PAPER_SOLVER", "RECOMMENDED_SOLVER",
+    "SOLVERS", "DEFAULT_ITERS", "HypergradResult", "hypergradient", "HypergradientSolver", "no_solve",
+    "PAPER_SOLVER", "RECOMMENDED_SOLVER",
 ]

@@ -3,8 +3,9 @@ r"""The hypergradient: x ≈ A⁻¹ v for v = ∇_θP L_D (spec §1.4 step 3), o
 :func:`hypergradient` runs one solve with timing and diagnostics; :class:`HypergradientSolver` runs
 the N_U solves of a stage against one fixed operator, with warm start or Krylov recycling.  The
 solver is named as in the BiSSL config: ``"layerwise"`` (official), ``"cg"`` or ``"minres"``
-(:mod:`bissl_kit.implicit.solvers`).  Presets: :data:`PAPER_SOLVER` reproduces the official
-scheme, :data:`RECOMMENDED_SOLVER` is the kit's default.
+(:mod:`bissl_kit.implicit.solvers`), or ``"none"``: no solve, x = v (:func:`no_solve`), the first-order
+approximation of the implicit term that the ablations set beside the solvers.  Presets: :data:`PAPER_SOLVER` reproduces the
+official scheme, :data:`RECOMMENDED_SOLVER` is the kit's default.
 """
 from __future__ import annotations
 
@@ -18,14 +19,23 @@ from torch import Tensor
 from .recycling import KrylovMemory
 from .solvers import SolveResult, cg, layerwise, minres
 
-__all__ = ["OFFICIAL_CG_ITERS", "SOLVERS", "DEFAULT_ITERS", "HypergradResult", "hypergradient", "HypergradientSolver",
+__all__ = ["OFFICIAL_CG_ITERS", "SOLVERS", "DEFAULT_ITERS", "HypergradResult", "hypergradient", "HypergradientSolver", "no_solve",
            "PAPER_SOLVER", "RECOMMENDED_SOLVER"]
 
 #: Solver iterations per upper step (K); the official code never stops early.
 OFFICIAL_CG_ITERS = 5
 
+def no_solve(operator, b, **_unused) -> SolveResult:
+    """x = b itself, with no product: A⁻¹ ≈ I, the first-order approximation (the implicit term becomes the
+    downstream gradient at θ_P). It asks whether the solve matters at all: beside MINRES-1 (x = α v, a
+    rescaled v) it isolates the step size α, beside MINRES-5 or layerwise-5 the direction the solve adds."""
+    b = tuple(b)
+    return SolveResult(x=b, residual_norms=[], converged=False, iterations=0, n_matvec=0,
+                       initial_residual_norm=float("nan"))
+
+
 #: The solvers by their BiSSL config name.
-SOLVERS = {"layerwise": layerwise, "cg": cg, "minres": minres}
+SOLVERS = {"layerwise": layerwise, "cg": cg, "minres": minres, "none": no_solve}
 _WARM_STARTS = ("none", "previous", "recycle")
 
 Tensors = tuple[Tensor, ...]
@@ -69,8 +79,8 @@ def hypergradient(v: Sequence[Tensor], operator: MatVec, *, solver: str = "cg",
     products into it.
     """
     _check_solver(solver, rtol, atol)
-    if solver == "layerwise" and x0 is not None:
-        raise ValueError("layerwise reproduces the official recursion: it starts at x = 0; x0 must be None")
+    if solver in ("layerwise", "none") and x0 is not None:
+        raise ValueError(f"{solver} has no start to warm: x0 must be None")
     if memory is not None and solver != "cg":
         raise ValueError(f"memory (Krylov recycling) needs solver='cg', got solver={solver!r}")
     v = tuple(t.detach() for t in v)
@@ -80,7 +90,9 @@ def hypergradient(v: Sequence[Tensor], operator: MatVec, *, solver: str = "cg",
     if sync:
         torch.cuda.synchronize(v[0].device)
     t0 = time.perf_counter()
-    if solver == "layerwise":
+    if solver == "none":
+        res = no_solve(operator, v)
+    elif solver == "layerwise":
         res = layerwise(operator, v, iters=max_iter, **common)
     elif solver == "minres":
         res = minres(operator, v, max_iter=max_iter, rtol=rtol, atol=atol, x0=x0, **common)
@@ -113,7 +125,8 @@ RECOMMENDED_SOLVER = dict(solver="minres", max_iter=1, rtol=1e-2, atol=None,
 
 #: Each solver's K where a config leaves it to the solver: the official count for the official-style
 #: solvers, the recommended one for MINRES (so switching solver never inherits another's K).
-DEFAULT_ITERS = {"layerwise": OFFICIAL_CG_ITERS, "cg": OFFICIAL_CG_ITERS, "minres": RECOMMENDED_SOLVER["max_iter"]}
+DEFAULT_ITERS = {"layerwise": OFFICIAL_CG_ITERS, "cg": OFFICIAL_CG_ITERS, "minres": RECOMMENDED_SOLVER["max_iter"],
+                 "none": 0}
 
 
 class HypergradientSolver:
@@ -132,8 +145,8 @@ class HypergradientSolver:
         if warm_start not in _WARM_STARTS:
             raise ValueError(f"warm_start must be one of {_WARM_STARTS}, got {warm_start!r}")
         _check_solver(solver, rtol, atol)
-        if solver == "layerwise" and warm_start != "none":
-            raise ValueError("layerwise has no warm start (official recursion starts at 0); use warm_start='none'")
+        if solver in ("layerwise", "none") and warm_start != "none":
+            raise ValueError(f"{solver} has no warm start; use warm_start='none'")
         if solver == "minres" and warm_start == "recycle":
             raise ValueError("warm_start='recycle' (deflated CG) needs solver='cg'; minres takes 'none' or 'previous'")
         self.operator = operator

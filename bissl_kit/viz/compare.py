@@ -21,11 +21,13 @@ def comparison_figure(results: dict, metric: str = "test_top1") -> go.Figure:
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=[t["task"] for t in tasks])
     for col, t in enumerate(tasks, start=1):
         arms = list(t["arms"])
+        # a multi-label task (VOC07) reports test mAP where the others report top-1/top-5
+        key = metric if metric in t["arms"][arms[0]] else "test_map"
         by_seed: dict[int, list] = {}
         for i, arm in enumerate(arms):
             for s in t["arms"][arm]["seeds"]:
                 if s["status"] == "ok":
-                    by_seed.setdefault(s["seed"], []).append((i, s[metric]))
+                    by_seed.setdefault(s["seed"], []).append((i, s[key]))
         for seed, pts in by_seed.items():
             fig.add_trace(go.Scatter(x=[p[0] - 0.12 for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                      line=dict(color="rgba(120,120,120,0.35)", width=1),
@@ -33,7 +35,7 @@ def comparison_figure(results: dict, metric: str = "test_top1") -> go.Figure:
                                      name=f"seed {seed}", showlegend=False,
                                      hovertemplate=f"seed {seed}: %{{y:.2%}}<extra></extra>"), 1, col)
         for i, arm in enumerate(arms):
-            m = t["arms"][arm][metric]
+            m = t["arms"][arm][key]
             if m is None:
                 continue
             half = 0.0 if math.isnan(m["half_width"]) else m["half_width"]
@@ -46,7 +48,8 @@ def comparison_figure(results: dict, metric: str = "test_top1") -> go.Figure:
         fig.update_xaxes(tickvals=list(range(len(arms))), ticktext=[ARM_LABELS[a] for a in arms],
                          range=[-0.5, len(arms) - 0.5], row=1, col=col)
         fig.update_yaxes(tickformat=".1%", row=1, col=col)
-    what = metric.replace("test_top", "top-")
+    what = metric.replace("test_top", "top-") + (" (mAP: multi-label tasks)" if any(
+        "test_map" in next(iter(t["arms"].values())) for t in tasks) else "")
     fig.update_yaxes(title_text=f"test {what}", row=1, col=1)
     c = results["config"]
     fig.update_layout(title=dict(text=f"Baseline vs BiSSL: test {what} per seed, and mean ± 95% t-interval"

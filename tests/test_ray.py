@@ -121,7 +121,6 @@ def test_a_killed_worker_is_retried_and_resumes_and_the_kits_own_instance_is_shu
     assert records(tmp_path / "ray") == records(tmp_path / "ref")  # step 3's record once, as in one run
 
 
-
 # ---- one shared instance for the rest ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

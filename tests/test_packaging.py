@@ -87,8 +87,9 @@ PRESENTATION = ("plotly", "ipywidgets", "anywidget", "kaleido", "umap")
 NOTEBOOK_ONLY = PRESENTATION + ("jupyterlab", "ipykernel", "IPython", "papermill", "nbformat", "jupytext",
                                 "tensorboard", "timm", "ray")
 CORE = ("config", "rng", "rundir", "checkpoint", "backbones", "speed", "reproduce", "data", "augment", "models",
-        "losses", "pretext", "optim", "evaluate", "stats", "implicit", "pretrain", "bissl", "finetune", "hpo", "compare",
-        "reports", "features", "distributed", "notebooks", "__main__")
+        "losses", "pretext", "optim", "evaluate", "stats", "implicit", "pretrain", "pretrain_config", "presets", "files",
+        "downstream", "bissl", "finetune", "hpo", "compare", "reports", "features", "distributed", "engine", "experiments",
+        "tensorboard", "notebooks", "__main__")
 
 
 def _core_modules() -> list[str]:

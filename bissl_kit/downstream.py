@@ -51,7 +51,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, n: int, *
     if labels.ndim == 1:
         if distributed.is_distributed():
             return distributed.union_metrics(logits, labels, n)
-        logits = logits.float().cpu()
+        # half precision (bf16 autocast) up to float32; float64 (the exact tests' toys) stays float64
+        logits = logits.cpu() if logits.dtype == torch.float64 else logits.float().cpu()
         acc = accuracy_topk(logits, labels.cpu())
         return {"top1": acc[1], "top5": acc[5], "loss": F.cross_entropy(logits, labels.cpu()).item()}
     logits, labels = distributed.gather_parts(logits, n).double().cpu(), distributed.gather_parts(labels, n).cpu()

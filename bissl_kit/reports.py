@@ -92,19 +92,37 @@ def comparison_table(results: dict) -> str:
 
 
 def replication_table(records: list[dict]) -> str:
-    """The test over BiSSL replicates (one mean paired difference per run) and the variance split."""
-    lines = ["| task | difference (over BiSSL runs) | metric | R | per-run mean diffs, points | mean diff [95% CI] "
-             "| t (df) | p | SD between runs / between fine-tuning seeds, points |", "|---|---|---|---|---|---|---|---|---|"]
+    """The tests over BiSSL replicates and the variance split. Every replicate is fine-tuned with the same
+    seeds, so the headline treats the run and the fine-tuning seed as random draws (crossed); the t over the
+    R run means beside it conditions on the seeds drawn."""
+    lines = ["| task | difference (over BiSSL runs) | metric | R × S | per-run mean diffs, points "
+             "| mean diff [95% CI], runs and seeds random | t (df) | p | t over the R run means: [95% CI], p "
+             "| SD between runs / seeds / residual, points |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if not r["n"]:
             continue
-        v = r["variance"]
         per = ", ".join(f"{100 * x['mean_diff']:+.2f} (seed {x['bissl_seed']})" for x in r["replicates"])
-        sds = f"{_points_sd(v['var_between'])} / {_points_sd(v['var_within'])}"
-        lines.append(f"| {r['task']} | {ARM_LABELS[r['a']]} − {ARM_LABELS[r['b']]} | {r['metric']} | {r['n']} | {per} | "
-                     f"{100 * r['mean_diff']:+.2f} [{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}] | "
-                     f"{r['t']:.2f} ({r['df']}) | {r['p']:.3g} | {sds} |")
+        runs_only = f"[{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}], {r['p']:.3g}"
+        c = r.get("crossed")
+        if c:
+            sds = f"{_points_sd(c['var_run'])} / {_points_sd(c['var_seed'])} / {_points_sd(c['var_residual'])}"
+            head = (f"{r['n']} × {c['seeds']} | {per} | {100 * c['mean_diff']:+.2f} [{_pts(c['lo'])}, {_pts(c['hi'])}] "
+                    f"| {_num(c['t'], '.2f')} ({_num(c['df'], '.1f')}) | {_num(c['p'], '.3g')}")
+        else:  # the replicates share fewer than two seeds: only the t over the runs
+            v = r["variance"]
+            sds = f"{_points_sd(v['var_between'])} / n/a / {_points_sd(v['var_within'])}"
+            head = f"{r['n']} × – | {per} | n/a | n/a | n/a"
+        lines.append(f"| {r['task']} | {ARM_LABELS[r['a']]} − {ARM_LABELS[r['b']]} | {r['metric']} | {head} | "
+                     f"{runs_only} | {sds} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(x, fmt: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _pts(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}"
 
 
 def _points_sd(var) -> str:

@@ -86,3 +86,53 @@ def variance_split(groups) -> dict:
     return {"replicates": r, "n": int(n_all), "ms_between": msb, "ms_within": msw, "var_between": var_b,
             "var_within": var_w, "share_between": var_b / total if total > 0 else nan, "f": f, "p": p,
             "df_between": r - 1, "df_within": int(n_all - r)}
+
+
+def crossed_test(table, confidence: float = 0.95) -> dict:
+    """The grand mean of paired differences d_rs from R BiSSL runs × S fine-tuning seeds, every run
+    fine-tuned with the *same* seeds, with both the run and the seed treated as random draws.
+
+    The seeds are crossed with the runs, not nested in them (seed s of every run shares its head
+    initialisation and batch order), so a seed's effect is common to all runs, and the t over the R run
+    means (:func:`replicate_test`) conditions on the S seeds drawn: it cannot see that another draw of
+    seeds would shift every run alike. Two-way random-effects model without replication,
+    d_rs = μ + a_r + b_s + e_rs, with mean squares MS_R (df R − 1), MS_S (df S − 1), MS_E (df (R−1)(S−1)):
+    Var(d̄) = σ²_a/R + σ²_b/S + σ²_e/(RS), estimated from the method-of-moments components
+    (σ²_a = (MS_R − MS_E)/S, σ²_b = (MS_S − MS_E)/R, σ²_e = MS_E, a negative one set to 0), with
+    Satterthwaite's degrees of freedom for the t-interval. When the runs agree better than the residual
+    allows, this is the t over the S seed means (df S − 1); when the seeds do, the t over the R run means.
+    NaN where undefined (R or S < 2, or no spread at all)."""
+    d = np.asarray(table, dtype=float)
+    if d.ndim != 2:
+        raise ValueError(f"crossed_test needs an R × S table of differences, got shape {d.shape}")
+    r, s = d.shape
+    nan = math.nan
+    out = {"replicates": r, "seeds": s, "n": int(d.size), "mean_diff": float(d.mean()) if d.size else nan,
+           "confidence": confidence, "test": f"two-way random effects (BiSSL run × fine-tuning seed), {r} × {s}"}
+    if r < 2 or s < 2:
+        return {**out, "lo": nan, "hi": nan, "t": nan, "df": nan, "p": nan, "var_run": nan, "var_seed": nan,
+                "var_residual": nan, "se": nan}
+    m = d.mean()
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    ms_r = s * float(((rows - m) ** 2).sum()) / (r - 1)
+    ms_s = r * float(((cols - m) ** 2).sum()) / (s - 1)
+    resid = d - rows[:, None] - cols[None, :] + m
+    ms_e = float((resid ** 2).sum()) / ((r - 1) * (s - 1))
+    comps = {"var_run": max(0.0, (ms_r - ms_e) / s), "var_seed": max(0.0, (ms_s - ms_e) / r), "var_residual": ms_e}
+    # Var(d̄) from the components, a negative estimate set to 0 (the usual truncation): as a combination
+    # Σ c·MS of the mean squares, c_R = [MS_R > MS_E], c_S = [MS_S > MS_E], c_E = 1 − c_R − c_S. Without
+    # the truncation a run mean square below the residual one can make the estimate ≤ 0 and
+    # Satterthwaite's df < 1; with it, a factor whose effect is not seen drops out of the variance.
+    c = [float(ms_r > ms_e), float(ms_s > ms_e)]
+    c.append(1.0 - c[0] - c[1])
+    ms, dfs = [ms_r, ms_s, ms_e], [r - 1, s - 1, (r - 1) * (s - 1)]
+    var_mean = sum(ci * m_ for ci, m_ in zip(c, ms)) / (r * s)
+    if var_mean <= 0:
+        return {**out, **comps, "lo": nan, "hi": nan, "t": nan, "df": nan, "p": nan, "se": nan}
+    # Satterthwaite: the df of a linear combination of independent mean squares
+    df = (r * s * var_mean) ** 2 / sum((ci * m_) ** 2 / k for ci, m_, k in zip(c, ms, dfs) if ci)
+    se = math.sqrt(var_mean)
+    t = float(m) / se
+    q = float(stats.t.ppf((1 + confidence) / 2, df))
+    return {**out, **comps, "se": se, "t": t, "df": df, "p": float(2 * stats.t.sf(abs(t), df)),
+            "lo": float(m) - q * se, "hi": float(m) + q * se}

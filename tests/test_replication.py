@@ -15,7 +15,7 @@ from bissl_kit.experiments.jobs import comparison_jobs
 from bissl_kit.experiments.replication import over_replicates
 from bissl_kit.hpo import sample_candidates
 from bissl_kit.reports import comparison_table
-from bissl_kit.stats import replicate_test, variance_split
+from bissl_kit.stats import crossed_test, replicate_test, variance_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,43 @@ def test_replicate_test_is_a_t_test_over_runs():
     assert (res["lo"], res["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
 
 
+def test_crossed_test_reduces_to_the_t_over_the_factor_that_varies():
+    seeds = np.array([0.02, -0.01, 0.03, 0.00, 0.015])  # runs that agree exactly: the t over the seed means
+    res, ref = crossed_test(np.tile(seeds, (3, 1))), stats.ttest_1samp(seeds, 0.0)
+    assert res["df"] == pytest.approx(len(seeds) - 1) and res["t"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert (res["lo"], res["hi"]) == (pytest.approx(ref.confidence_interval().low), pytest.approx(ref.confidence_interval().high))
+    assert res["var_run"] == pytest.approx(0, abs=1e-18) and res["var_residual"] == pytest.approx(0, abs=1e-18)
+    runs = np.array([0.01, -0.02, 0.005])  # seeds that agree exactly: the t over the run means
+    res, ref = crossed_test(np.tile(runs[:, None], (1, 4))), stats.ttest_1samp(runs, 0.0)
+    assert res["df"] == pytest.approx(2) and res["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+def test_crossed_test_mean_squares_are_the_two_way_anova_by_least_squares():
+    rng = np.random.default_rng(1)
+    d = rng.normal(size=(3, 5)) + 3 * rng.normal(size=(3, 1)) + 3 * rng.normal(size=(1, 5))
+    r, s = d.shape
+    # the additive model's residual by least squares, with run and seed indicator columns
+    X = np.hstack([np.ones((r * s, 1)), np.kron(np.eye(r), np.ones((s, 1)))[:, 1:], np.kron(np.ones((r, 1)), np.eye(s))[:, 1:]])
+    beta = np.linalg.lstsq(X, d.reshape(-1), rcond=None)[0]
+    ms_e = float(((d.reshape(-1) - X @ beta) ** 2).sum()) / ((r - 1) * (s - 1))
+    ms_r = s * d.mean(axis=1).var(ddof=1)
+    ms_s = r * d.mean(axis=0).var(ddof=1)
+    assert ms_r > ms_e and ms_s > ms_e  # both effects seen: no component is truncated
+    res = crossed_test(d)
+    assert res["var_residual"] == pytest.approx(ms_e, rel=1e-12)
+    assert res["se"] ** 2 == pytest.approx((ms_r + ms_s - ms_e) / (r * s), rel=1e-12)
+    df = (ms_r + ms_s - ms_e) ** 2 / (ms_r ** 2 / (r - 1) + ms_s ** 2 / (s - 1) + ms_e ** 2 / ((r - 1) * (s - 1)))
+    assert res["df"] == pytest.approx(df, rel=1e-12)
+    assert res["p"] == pytest.approx(2 * stats.t.sf(abs(d.mean() / res["se"]), df), rel=1e-12)
+    assert math.isnan(crossed_test(d[:1])["t"])
+    # runs that agree better than the residual allows (MS_R < MS_E): σ²_run is set to 0, and the test is
+    # the t over the seed means
+    d = np.array([[-5.57, 2.23, -2.79, -0.56, 2.23], [-4.18, 1.67, -1.39, 0.56, -1.11], [-1.11, -2.51, -0.28, -0.56, -0.28]])
+    res, ref = crossed_test(d), stats.ttest_1samp(d.mean(axis=0), 0.0)
+    assert res["var_run"] == 0 and res["df"] == pytest.approx(4)
+    assert (res["t"], res["p"]) == (pytest.approx(ref.statistic, rel=1e-12), pytest.approx(ref.pvalue, rel=1e-12))
+
+
 def test_the_committed_bissl_seed_replication_is_what_over_replicates_gives():
     # results/summarise_bissl_seeds.py tested the three per-run differences of the committed runs; the
     # comparison's own test over replicates, given the same three comparisons, gives the same numbers
@@ -66,6 +103,7 @@ def test_the_committed_bissl_seed_replication_is_what_over_replicates_gives():
            f"t = {rec['t']:.2f}, df = {rec['df']}, p = {rec['p']:.3g}"
     assert line in summary and [x["bissl_seed"] for x in rec["replicates"]] == [0, 1, 2]
     assert rec["variance"]["n"] == 15 and rec["variance"]["replicates"] == 3
+    assert rec["crossed"]["n"] == 15 and rec["crossed"]["seeds_used"] == [0, 1, 2, 3, 4]
 
 
 # ---- a replicated comparison -------------------------------------------------------------------------------

@@ -57,7 +57,9 @@ def test_a_sweep_end_to_end_through_the_command_line(sources, tmp_path, capsys):
     sweep = json.loads((out / "sweep.json").read_text())
     assert [p["name"] for p in sweep["points"]] == ["x=v", "MINRES-2"]
     rows = [r for r in sweep["rows"] if r["metric"] == "test_top1" and r["b"] == "baseline_matched"]
-    assert len(rows) == 2 and all(r["unit"] == "BiSSL run" and r["n"] == 2 and r["df"] == 1 for r in rows)
+    # every replicate is fine-tuned with the same 2 seeds: the headline is the run × seed test
+    assert len(rows) == 2 and all(r["unit"] == "BiSSL run × fine-tuning seed" and (r["n"], r["seeds"]) == (2, 2)
+                                  and r["runs_only"]["df"] == 1 for r in rows)
     assert sweep["command"].startswith("python -m bissl_kit sweep --pretrain-checkpoint")
     # the points differ only in the solver: the matched continuations (one per seed) and their searches are shared
     shared = out / "shared"
@@ -69,7 +71,8 @@ def test_a_sweep_end_to_end_through_the_command_line(sources, tmp_path, capsys):
         assert {t["bissl_run"]["solver"] for t in res["tasks"]} == {solver}
     assert (out / "sweep.csv").read_text().splitlines()[0].startswith("point,fields,task")
     table = (out / "sweep.md").read_text()
-    assert "| x=v | digits | BiSSL − baseline, compute-matched | BiSSL run (2) |" in table and "Command: `" in table
+    assert "| x=v | digits | BiSSL − baseline, compute-matched | BiSSL run × fine-tuning seed (2 × 2) |" in table
+    assert "Command: `" in table
     assert (figs / "sweep.html").exists()
     from bissl_kit.viz.figures import png_export_available
     if png_export_available():

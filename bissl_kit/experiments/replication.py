@@ -3,12 +3,14 @@
 Per task, per pair of arms and metric: per BiSSL replicate the mean over fine-tuning seeds of the paired
 difference (that replicate's ``paired`` entry), then their mean, t over R (df R − 1), p and 95 % CI
 (:func:`bissl_kit.stats.replicate_test`), and the variance of the paired differences split into a
-between-run and a between-fine-tuning-seed part (:func:`bissl_kit.stats.variance_split`).
+between-run and a between-fine-tuning-seed part (:func:`bissl_kit.stats.variance_split`). Because every
+replicate is fine-tuned with the same seeds, the seeds are crossed with the runs: ``crossed`` is the test
+that treats both as random (:func:`bissl_kit.stats.crossed_test`), the headline of a replicated comparison.
 """
 
 from __future__ import annotations
 
-from ..stats import replicate_test, variance_split
+from ..stats import crossed_test, replicate_test, variance_split
 
 
 def paired_differences(entry: dict, a: str, b: str, metric: str) -> list[float]:
@@ -16,6 +18,20 @@ def paired_differences(entry: dict, a: str, b: str, metric: str) -> list[float]:
     sa = {s["seed"]: s for s in entry["arms"][a]["seeds"] if s["status"] == "ok"}
     sb = {s["seed"]: s for s in entry["arms"][b]["seeds"] if s["status"] == "ok"}
     return [sa[s][metric] - sb[s][metric] for s in sorted(set(sa) & set(sb))]
+
+
+def crossed(reps: list[dict], a: str, b: str, metric: str) -> dict | None:
+    """The run × fine-tuning-seed test (:func:`bissl_kit.stats.crossed_test`) on the seeds every replicate
+    finished; None when fewer than two seeds are common to all."""
+    per = []
+    for e in reps:
+        sa = {s["seed"]: s for s in e["arms"][a]["seeds"] if s["status"] == "ok"}
+        sb = {s["seed"]: s for s in e["arms"][b]["seeds"] if s["status"] == "ok"}
+        per.append({s: sa[s][metric] - sb[s][metric] for s in set(sa) & set(sb)})
+    common = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    if len(per) < 2 or len(common) < 2:
+        return None
+    return {**crossed_test([[p[s] for s in common] for p in per]), "seeds_used": common}
 
 
 def over_replicates(entries: list[dict]) -> list[dict]:
@@ -34,5 +50,6 @@ def over_replicates(entries: list[dict]) -> list[dict]:
                                  "differences": paired_differences(e, a, b, metric)})
             test = replicate_test([r["mean_diff"] for r in rows]) if rows else {"n": 0}
             out.append({"task": task, "a": a, "b": b, "metric": metric, "replicates": rows, **test,
-                        "variance": variance_split([r["differences"] for r in rows])})
+                        "variance": variance_split([r["differences"] for r in rows]),
+                        "crossed": crossed(reps, a, b, metric)})
     return out

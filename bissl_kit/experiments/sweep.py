@@ -129,11 +129,17 @@ def point_rows(name: str, fields: dict, results: dict) -> list[dict]:
     rows = []
     if results.get("replication"):
         for r in results["replication"]:
-            v = r["variance"]
+            v, c = r["variance"], r.get("crossed")
+            # the headline: runs and fine-tuning seeds both random (crossed); else the t over the run means
+            keys = ("mean_diff", "lo", "hi", "t", "df", "p")
+            head = ({"unit": "BiSSL run × fine-tuning seed", "seeds": c["seeds"], **{k: c[k] for k in keys}} if c
+                    else {"unit": "BiSSL run", **{k: r.get(k) for k in keys}})
             rows.append({"point": name, "fields": fields, "task": r["task"], "a": r["a"], "b": r["b"],
-                         "metric": r["metric"], "unit": "BiSSL run", "n": r["n"], "mean_diff": r.get("mean_diff"),
-                         "lo": r.get("lo"), "hi": r.get("hi"), "t": r.get("t"), "df": r.get("df"), "p": r.get("p"),
-                         "var_between": v["var_between"], "var_within": v["var_within"],
+                         "metric": r["metric"], "n": r["n"], **head,
+                         "runs_only": {k: r.get(k) for k in ("lo", "hi", "t", "df", "p")},
+                         "var_between": c["var_run"] if c else v["var_between"],
+                         "var_within": c["var_seed"] if c else v["var_within"],
+                         "var_residual": c["var_residual"] if c else math.nan,
                          "runs": [x["bissl_run"] for x in r["replicates"]],
                          "bissl_seeds": [x["bissl_seed"] for x in r["replicates"]]})
     else:
@@ -216,17 +222,18 @@ def _pts(x) -> str:
 
 def sweep_table(sweep: dict, metric: str = "test_top1") -> str:
     """The sensitivity table: per point and task, BiSSL − baseline with its CI, t, p and the variance split."""
-    lines = ["| point | task | difference | unit (n) | mean diff, points [95% CI] | t | p "
+    lines = ["| point | task | difference | unit (n) | mean diff, points [95% CI] | t (df) | p "
              "| SD between runs / fine-tuning seeds |", "|---|---|---|---|---|---|---|---|"]
     for r in sweep["rows"]:
         if r["metric"] != metric or not r["n"]:
             continue
         sd = "n/a" if math.isnan(r["var_between"]) else \
             f"{100 * math.sqrt(r['var_between']):.2f} / {100 * math.sqrt(r['var_within']):.2f}"
-        t = "n/a" if r["t"] is None or math.isnan(r["t"]) else f"{r['t']:.2f}"
+        t = "n/a" if r["t"] is None or math.isnan(r["t"]) else f"{r['t']:.2f} ({r['df']:.3g})"
         p = "n/a" if r["p"] is None or math.isnan(r["p"]) else f"{r['p']:.3g}"
+        n = f"{r['n']} × {r['seeds']}" if r.get("seeds") else f"{r['n']}"
         lines.append(f"| {r['point']} | {r['task']} | {ARM_LABELS[r['a']]} − {ARM_LABELS[r['b']]} | {r['unit']} "
-                     f"({r['n']}) | {_pts(r['mean_diff'])} [{_pts(r['lo'])}, {_pts(r['hi'])}] | {t} | {p} | {sd} |")
+                     f"({n}) | {_pts(r['mean_diff'])} [{_pts(r['lo'])}, {_pts(r['hi'])}] | {t} | {p} | {sd} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,7 @@ def sensitivity_figure(sweep: dict, metric: str = "test_top1", a: str = "bissl",
         down = [100 * (r["mean_diff"] - r["lo"]) if r["lo"] == r["lo"] else 0 for r in rs]
         unit = rs[0]["unit"] if rs else ""
         fig.add_trace(go.Scatter(
-            x=[x_of[r["point"]] for r in rs], y=y, mode="markers+lines", name=f"{task} (CI over {unit}s)",
+            x=[x_of[r["point"]] for r in rs], y=y, mode="markers+lines", name=f"{task} (95% CI; {unit})",
             marker=dict(size=10, color=TASK_COLOURS[i % len(TASK_COLOURS)]),
             error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, thickness=1.5, width=6),
             hovertext=[f"{r['point']}: {100 * r['mean_diff']:+.2f} points, p = {r['p']:.3g}, n = {r['n']}" for r in rs]))

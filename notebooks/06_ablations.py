@@ -5,10 +5,12 @@
 # the answer moves with the run itself, nor which setting of BiSSL the answer depends on. Here each
 # **point** of a sweep is a full comparison over **R BiSSL replicates** (the same template with stage seeds
 # seed, seed + 1, …, each with its own compute-matched continuation, which copies the seed), and the test
-# is **over the runs**: per run the mean over fine-tuning seeds of the paired difference BiSSL − matched,
-# then their mean, t with R − 1 degrees of freedom and the 95 % interval. The variance of the paired
-# differences is split into a between-run part and a between-fine-tuning-seed part (one-way
-# random-effects ANOVA): a large between-run part is why one run's p-value can mislead.
+# treats **both the BiSSL run and the fine-tuning seed as random draws**: every replicate is fine-tuned
+# with the same seeds, so the paired differences BiSSL − matched form a runs × seeds table, and the
+# interval of their mean comes from a two-way random-effects model (`bissl_kit.stats.crossed_test`). The t
+# over the R per-run means is shown beside it; it conditions on the seeds drawn, so it can be far too sure
+# when the runs happen to agree. The variance is split into run, seed and residual parts: a large run part
+# is why one run's p-value can mislead.
 #
 # A point sets one field (`field`, `values`: e.g. λ over a grid) or a named bundle of fields (`points`:
 # `"MINRES-5:solver=minres,solver_iters=5"`). The x = v arm (`solver=none`) skips the solve: the implicit
@@ -50,10 +52,11 @@ out_dir = "../runs/sweep_demo"
 figures_dir = "../runs/figures"         # git ignores runs/
 sweep_stem = "06_demo_sweep"
 # Notebook-only settings
-committed_sweep = "../results/ablations/sweep.json"
+committed_sweeps = ("../results/ablations/lam/sweep.json", "../results/ablations/solver/sweep.json",
+                    "../results/ablations/gamma/sweep.json")
 
 # %%
-cfg = params.config(SweepConfig, extras=("committed_sweep",))
+cfg = params.config(SweepConfig, extras=("committed_sweeps",))
 print(cfg.to_json())
 
 # %% [markdown]
@@ -68,9 +71,10 @@ sweep = run_sweep(cfg)
 # %% [markdown]
 # ## Sensitivity
 #
-# BiSSL − compute-matched baseline at each point, in points of test top-1, with the 95 % interval over the
-# BiSSL runs. An interval that covers 0 is not evidence either way; with R = 2 runs the t-interval has one
-# degree of freedom and is wide by construction: the committed ablation uses R ≥ 3.
+# BiSSL − compute-matched baseline at each point, in points of test top-1, with the 95 % interval over
+# runs and fine-tuning seeds. An interval that covers 0 is not evidence either way; with R = 2 runs and 2
+# seeds the interval has very few degrees of freedom and is wide by construction: the committed ablation
+# uses R = 3.
 
 # %%
 figure = sensitivity_figure(sweep)
@@ -80,8 +84,8 @@ display(Markdown(sweep_table(sweep)))
 # %% [markdown]
 # ## Over the replicates, per point
 #
-# Each run's mean difference, the test over runs, and the standard deviation of the paired differences
-# between runs and between fine-tuning seeds.
+# Each run's mean difference, the run × seed test, the t over the run means, and the standard deviations
+# of the paired differences between runs, between fine-tuning seeds and left over.
 
 # %%
 for p in sweep["points"]:
@@ -97,11 +101,11 @@ for p in sweep["points"]:
 # point, made by `results/ablations/run_ablations.sh` (its protocol is in that folder).
 
 # %%
-path = Path(committed_sweep)
-if path.exists():
+for path in map(Path, committed_sweeps):
+    if not path.exists():
+        print(f"no committed sweep at {path} yet (results/ablations/run_ablations.sh makes it)")
+        continue
     committed = load_sweep(path)
-    display(Markdown(f"Command: `{committed['command']}`"))
+    display(Markdown(f"**{path.parent.name}** — command: `{committed['command']}`"))
     display(Markdown(sweep_table(committed)))
     show_static(sensitivity_figure(committed))
-else:
-    print(f"no committed ablation at {path} yet (results/ablations/run_ablations.sh makes it)")

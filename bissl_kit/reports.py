@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 ARM_LABELS = {"baseline": "baseline", "baseline_matched": "baseline, compute-matched", "bissl": "BiSSL"}
 
 # the BiSSL run of each row last, so that the columns before replication keep their places
-CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "run",
-              "test_protocol", "bissl_seed", "bissl_run", "val_map", "test_map")
+CSV_FIELDS = ("task", "arm", "seed", "status", "lr", "weight_decay", "val_top1", "test_top1", "test_top5", "val_map",
+              "test_map", "run", "test_protocol", "bissl_seed", "bissl_run")
 
 
 def csv_text(results: dict) -> str:

@@ -110,7 +110,7 @@ def test_solver_rejects_bad_options():
         HypergradientSolver(lambda d: d, solver="layerwise", warm_start="recycle")
     with pytest.raises(ValueError, match="max_size must be an int >= 1"):
         KrylovMemory(0)
-    with pytest.raises(ValueError, match=r"solver must be one of \('layerwise', 'cg', 'minres'\), got 'global'"):
+    with pytest.raises(ValueError, match=r"solver must be one of \('layerwise', 'cg', 'minres', 'none'\), got 'global'"):
         HypergradientSolver(lambda d: d, solver="global")
     with pytest.raises(ValueError, match="layerwise .* has no tolerance"):
         HypergradientSolver(lambda d: d, solver="layerwise", rtol=1e-2)

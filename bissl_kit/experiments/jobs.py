@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..engine import Job, Ref, Resources
-from ..hpo import _attempt, _earlier, search_edges, select_best, write_json
+from ..hpo import _attempt, _earlier, search_edges, select_best, selection_key, write_json
 from .replicates import Replicate, check_bissl_run, matched_config, run_matched, short_key, slug
 
 # the fields of CompareConfig that every fine-tuning run of the search copies
@@ -73,9 +73,9 @@ def trial_job(base: dict, trial: int, lr: float, wd: float, search_dir: str) -> 
 
 def choose_job(trials: list, base: dict, candidates: list, search_dir: str) -> dict:
     """The best trial on val (ties to the earlier one); records the trials so far in ``search.json``."""
-    chosen = select_best(trials)
+    chosen, key = select_best(trials), selection_key(trials)  # val_top1, or val_map for a multi-label task
     chosen = {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
-              "val_top1": chosen["val_top1"], "run": chosen["run"], "edges": search_edges(trials, chosen)}
+              key: chosen[key], "run": chosen["run"], "edges": search_edges(trials, chosen)}
     path = Path(search_dir) / "search.json"
     seeds = list(_earlier(path)["seeds"].values())  # kept until the seeds are read back
     write_json(path, {"base": base, "candidates": candidates, "trials": trials, "chosen": chosen, "seeds": seeds})

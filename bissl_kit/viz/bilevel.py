@@ -114,8 +114,8 @@ class BisslDashboard:
             self.residuals = (self.residuals + [[r / v for r in rec["solver_residuals"]]])[-RESIDUAL_HISTORY:]
         elif kind == "stage":
             f.extend(T_DIST, rec["stage"], rec["distance"])
-            if "val_top1" in rec:
-                f.extend(T_ACC, rec["stage"], rec["val_top1"])
+            if "val_top1" in rec or "val_map" in rec:  # mAP on the accuracy axis for a multi-label task
+                f.extend(T_ACC, rec["stage"], rec.get("val_top1", rec.get("val_map")))
         if kind in ("upper", "stage"):
             self._sync_arrays()
         if kind == "stage" and f.live:

@@ -91,7 +91,8 @@ class SearchMonitor:
 
     def update(self, task, arm, what, rec) -> None:
         if what == "trial" and rec["status"] == "ok":
-            self.figure.extend(self.index[(task, arm)], rec["lr"], rec["val_top1"])
+            # val top-1, or val mAP for a multi-label task (VOC07): the number the search selects on
+            self.figure.extend(self.index[(task, arm)], rec["lr"], rec.get("val_top1", rec.get("val_map")))
 
     def finish(self, stem=None, figures_dir="figures") -> dict:
         return self.figure.finish(stem, figures_dir)

@@ -37,6 +37,8 @@ class FinetuneMonitor:
         elif kind == "epoch" and "val_top1" in record:
             self.figure.extend(2, record["epoch"], record["val_top1"])
             self.figure.extend(3, record["epoch"], record["val_top5"])
+        elif kind == "epoch" and "val_map" in record:  # a multi-label task: its mAP on the top-1 trace
+            self.figure.extend(2, record["epoch"], record["val_map"])
         elif kind == "final":
             self.figure.fig.layout.title.text = f"{self.title}<br><sup>{record['protocol']}</sup>"
 

@@ -3,12 +3,13 @@ the paper presets, and how a config saved by an earlier version reads (``SAVED_D
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import ClassVar
 
 from . import speed
-from .backbones import ARCH_RULE, check_arch
+from .backbones import ARCH_RULE, KIT_ARCHS, check_arch
 from .config import Config, ConfigError, device_param, param
 from .data.pretext import check_pretext_name
 from .data.registry import check_dataset_name
@@ -102,6 +103,14 @@ class PretrainConfig(Config):
     progress: bool = param(True, "show a tqdm progress bar", resumable=True)
 
     def check(self):
+        if self.arch not in KIT_ARCHS:  # width and the stem are the kit's ResNets' own knobs: never silently ignored
+            fields = {f.name: f.default for f in dataclasses.fields(self) if f.name in ("width", "small_stem")}
+            changed = [f"{k}={getattr(self, k)!r}" for k, d in fields.items() if getattr(self, k) != d]
+            if changed:
+                defaults = " ".join(f"{k}={d!r}" for k, d in fields.items())
+                raise ConfigError(f"{', '.join(changed)}: width and small_stem apply to the kit's ResNets "
+                                  f"({', '.join(KIT_ARCHS)}) only, and arch={self.arch!r} builds its own network; set "
+                                  f"them to their unused defaults ({defaults}) or choose one of the kit's ResNets")
         if self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[0] <= 0:
             raise ConfigError(f"crop_scale={self.crop_scale!r} must be (low, high) with 0 < low <= high <= 1")
         # a continued run mirrors another schedule (the BiSSL lower level's), whose warm-up may outlast it

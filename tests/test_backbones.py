@@ -120,6 +120,13 @@ def test_an_unknown_backbone_is_a_config_error_naming_it(arch, message):
         PretrainConfig(arch=arch)
 
 
+def test_the_kits_resnet_knobs_are_refused_with_a_foreign_backbone_not_ignored():
+    PretrainConfig(arch="tv:resnet18")  # at their defaults they are unused, and fine
+    with pytest.raises(ConfigError, match=r"width=64, small_stem=False: width and small_stem apply to the kit's "
+                                          r"ResNets .* set them to their unused defaults \(width=16 small_stem=True\)"):
+        PretrainConfig(arch="tv:resnet18", width=64, small_stem=False)
+
+
 def test_without_timm_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as on a core install: `import timm` raises ImportError
     with pytest.raises(ConfigError, match=r"needs timm, which is not installed: pip install 'bissl_kit\[timm\]'"):

@@ -223,12 +223,12 @@ def _pts(x) -> str:
 def sweep_table(sweep: dict, metric: str = "test_top1") -> str:
     """The sensitivity table: per point and task, BiSSL − baseline with its CI, t, p and the variance split."""
     lines = ["| point | task | difference | unit (n) | mean diff, points [95% CI] | t (df) | p "
-             "| SD between runs / fine-tuning seeds |", "|---|---|---|---|---|---|---|---|"]
+             "| SD between runs / fine-tuning seeds / residual, points |", "|---|---|---|---|---|---|---|---|"]
     for r in sweep["rows"]:
         if r["metric"] != metric or not r["n"]:
             continue
-        sd = "n/a" if math.isnan(r["var_between"]) else \
-            f"{100 * math.sqrt(r['var_between']):.2f} / {100 * math.sqrt(r['var_within']):.2f}"
+        sd = " / ".join("n/a" if v is None or math.isnan(v) else f"{100 * math.sqrt(v):.2f}"
+                        for v in (r["var_between"], r["var_within"], r.get("var_residual", math.nan)))
         t = "n/a" if r["t"] is None or math.isnan(r["t"]) else f"{r['t']:.2f} ({r['df']:.3g})"
         p = "n/a" if r["p"] is None or math.isnan(r["p"]) else f"{r['p']:.3g}"
         n = f"{r['n']} × {r['seeds']}" if r.get("seeds") else f"{r['n']}"

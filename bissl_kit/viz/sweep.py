@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from ..downstream import METRIC_LABELS
 from ..reports import ARM_LABELS
 from .figures import FigurePaths, export_figure
 
 TASK_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+# the axis names of the BiSSL fields most often swept, as the paper writes them
+FIELD_LABELS = {"lam": "λ (lam)", "gamma": "γ (gamma)", "damping": "δ (damping)", "solver_iters": "K (solver_iters)",
+                "lower_steps": "N_L (lower_steps)", "upper_steps": "N_U (upper_steps)"}
 
 
 def _numeric_axis(sweep: dict) -> tuple[str, list[float]] | None:
@@ -43,8 +49,11 @@ def sensitivity_figure(sweep: dict, metric: str = "test_top1", a: str = "bissl",
             hovertext=[f"{r['point']}: {100 * r['mean_diff']:+.2f} points, p = {r['p']:.3g}, n = {r['n']}" for r in rs]))
     fig.add_hline(y=0, line=dict(color="grey", dash="dot"))
     log = bool(axis) and min(axis[1]) > 0 and max(axis[1]) / min(axis[1]) >= 10
-    fig.update_layout(title=f"{ARM_LABELS[a]} − {ARM_LABELS[b]}, {metric.replace('_', ' ')}, by sweep point",
-                      xaxis_title=axis[0] if axis else "point", yaxis_title="difference, points (95% CI)",
+    split, _, name = metric.partition("_")
+    what = f"{split} {METRIC_LABELS.get(name, name)}"  # 'test top-1', 'test mAP'
+    fig.update_layout(title=f"{ARM_LABELS[a]} − {ARM_LABELS[b]}, {what}, by sweep point",
+                      xaxis_title=FIELD_LABELS.get(axis[0], axis[0]) if axis else "point",
+                      yaxis_title="difference, points (95% CI)", showlegend=True,
                       template="plotly_white", width=760, height=440, legend=dict(orientation="h", y=-0.2))
     if log:
         fig.update_xaxes(type="log")

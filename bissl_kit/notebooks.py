@@ -76,6 +76,9 @@ class NotebookOptions(Config):
                              check=_folder)
     committed_results: str = param("../results/comparison.json", "notebook 05: the committed comparison shown last")
     committed_figure: str = param("../figures/05_comparison.png", "notebook 05: the committed comparison's figure")
+    committed_sweeps: tuple[str, ...] = param(("../results/ablations/lam/sweep.json", "../results/ablations/solver/sweep.json",
+                                               "../results/ablations/gamma/sweep.json"),
+                                              "notebook 06: the committed ablation's sweeps, shown last")
 
 
 class NotebookParameters:

@@ -52,11 +52,12 @@ out_dir = "../runs/sweep_demo"
 figures_dir = "../runs/figures"         # git ignores runs/
 sweep_stem = "06_demo_sweep"
 # Notebook-only settings
+live = True                             # the series runner passes it to every notebook; 06 draws static figures
 committed_sweeps = ("../results/ablations/lam/sweep.json", "../results/ablations/solver/sweep.json",
                     "../results/ablations/gamma/sweep.json")
 
 # %%
-cfg = params.config(SweepConfig, extras=("committed_sweeps",))
+cfg = params.config(SweepConfig, extras=("committed_sweeps", "live"))
 print(cfg.to_json())
 
 # %% [markdown]

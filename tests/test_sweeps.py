@@ -78,3 +78,28 @@ def test_a_sweep_end_to_end_through_the_command_line(sources, tmp_path, capsys):
     if png_export_available():
         assert (figs / "sweep.png").stat().st_size > 10_000
     assert "sweep.{json,csv,md}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_06_ablations_notebook_runs_headless_and_shows_the_committed_ablation(tmp_path, monkeypatch):
+    import base64
+    from pathlib import Path
+
+    from bissl_kit.notebooks import QUICK, execute
+    from test_finetune import tiny_runs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    pre_ckpt, bissl_ckpt = tiny_runs(tmp_path / "sources")
+    repo = Path(__file__).parents[1]
+    params = {**QUICK["06_ablations"], "pretrain_checkpoint": str(pre_ckpt), "bissl_runs": [str(bissl_ckpt.parent)],
+              "out_dir": str(tmp_path / "sweep"), "figures_dir": str(tmp_path / "fig"),
+              "committed_sweeps": [str(repo / "results" / "ablations" / s / "sweep.json") for s in ("lam", "solver", "gamma")]}
+    out = execute("06_ablations", params, output_dir=tmp_path / "nb")
+    nb = json.loads(out.read_text())
+    shown = json.dumps([o for c in nb["cells"] for o in c.get("outputs", [])], ensure_ascii=False)
+    assert out.stat().st_size < 2_000_000
+    assert "BiSSL run × fine-tuning seed (2 × 2)" in shown  # the demo's own sweep, replicated
+    # the committed ablation: its three sweeps with their commands and tables
+    assert all(f"**{s}** — command" in shown for s in ("lam", "solver", "gamma")) and "layerwise-5" in shown
+    assert "no committed sweep" not in shown
+    assert (tmp_path / "fig" / f"{params.get('sweep_stem', '06_demo_sweep')}.html").exists()
+    assert base64.b64encode((repo / "figures" / "06_ablation_lam.png").read_bytes())  # committed, non-empty

@@ -410,9 +410,10 @@ def test_the_matrix_is_big_and_its_ids_unique():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_fails_early_and_clearly_and_loses_nothing(case, ws, tmp_path, backward_calls, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # relative default paths (runs/...) land in the watched folder, not the repository
+def assert_refused(case, ws, tmp_path, backward_calls, capsys) -> str:
+    """Run a bad-input case: it raises its error (exit status 2 on the command line, no traceback from a
+    subprocess), names every needle, starts no training work and leaves every file as it was; returns the
+    message. Shared with tests/test_integrity.py."""
     run = case.make(ws, tmp_path)
     before = snapshot(ws.root, tmp_path)
     with pytest.raises(case.error) as err:
@@ -428,6 +429,13 @@ def test_bad_input_fails_early_and_clearly_and_loses_nothing(case, ws, tmp_path,
         assert needle in message, f"{needle!r} not in {message!r}"
     assert backward_calls == [], "training work started before the error"
     assert snapshot(ws.root, tmp_path) == before, "a file was written, changed or removed"
+    return message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_fails_early_and_clearly_and_loses_nothing(case, ws, tmp_path, backward_calls, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative default paths (runs/...) land in the watched folder, not the repository
+    assert_refused(case, ws, tmp_path, backward_calls, capsys)
 
 
 # ---- divergence ---------------------------------------------------------------------------------------------

@@ -242,6 +242,11 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
 
 
+def invocation(argv) -> str:
+    """The command as the user typed it, written into results so that it reruns as written."""
+    return shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
+
+
 def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
     if args.stage == "pretrain":
         last = None
@@ -271,8 +276,7 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
     elif args.stage == "compare":
         from .compare import run_comparison
         from .reports import comparison_table
-        command = shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
-        results = run_comparison(cfg, command=command)
+        results = run_comparison(cfg, command=invocation(argv))
         print(comparison_table(results))
         print(f"done in {results['seconds']:.0f} s: {cfg.results_dir or cfg.out_dir}/comparison.{{json,csv,md}}")
         if cfg.figures_dir is not None:  # the comparison writes text; its figure needs plotly, imported here only
@@ -281,8 +285,7 @@ def _run(args: argparse.Namespace, cfg: Config, argv) -> int:
             print(f"figure: {', '.join(str(p) for p in figure.values())}")
     elif args.stage == "sweep":
         from .experiments.sweep import run_sweep, sweep_table
-        command = shlex.join(["python", "-m", "bissl_kit"] + list(sys.argv[1:] if argv is None else argv))
-        sweep = run_sweep(cfg, command=command)
+        sweep = run_sweep(cfg, command=invocation(argv))
         print(sweep_table(sweep))
         print(f"done in {sweep['seconds']:.0f} s: {cfg.results_dir or cfg.out_dir}/sweep.{{json,csv,md}}")
         if cfg.figures_dir is not None:

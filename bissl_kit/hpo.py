@@ -125,6 +125,34 @@ def _earlier(path: Path) -> dict:
                                 "delete the file and run the search again to rebuild it from them") from None
 
 
+# One trial, the choice and one seed run: the search's steps, run in order by run_search and as jobs of a
+# graph by bissl_kit.experiments.jobs.
+
+def trial_run(base: FinetuneConfig, trial: int, lr: float, wd: float, out: Path, data: DownstreamData | None,
+              before: dict | None) -> dict:
+    """One search trial in ``out/trial_NN``: val numbers only (the test split is never loaded)."""
+    run = out / f"trial_{trial:02d}"
+    cfg = base.replace(lr=lr, weight_decay=wd, test=False, progress=False, out_dir=str(run))
+    rec = {"trial": trial, "lr": lr, "weight_decay": wd, "run": str(run), **_attempt(cfg, data, before)}
+    return {k: v for k, v in rec.items() if not k.startswith("test") and k != "n_test"}
+
+
+def chosen_record(trials: list[dict]) -> dict:
+    """The best trial on val (val_top1, or val_map for a multi-label task; ties to the earlier one)."""
+    chosen, key = select_best(trials), selection_key(trials)
+    return {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"], key: chosen[key],
+            "run": chosen["run"], "edges": search_edges(trials, chosen)}
+
+
+def seed_run(base: FinetuneConfig, chosen: dict, seed: int, out: Path, data: DownstreamData | None,
+             before: dict | None) -> dict:
+    """A final run at the chosen values; the search's own seed's run *is* the chosen trial, continued to test."""
+    run = Path(chosen["run"]) if seed == base.seed else out / f"seed_{seed}"
+    cfg = base.replace(lr=chosen["lr"], weight_decay=chosen["weight_decay"], seed=seed, test=True, progress=False,
+                       out_dir=str(run))
+    return {"seed": seed, "run": str(run), **_attempt(cfg, data, before)}
+
+
 def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, seeds: int, out_dir: str | Path,
                data: DownstreamData | None = None, on_run=None) -> dict:
     """Trials at ``candidates`` (selection on val), then ``seeds`` final runs at the chosen values.
@@ -136,29 +164,17 @@ def run_search(base: FinetuneConfig, candidates: list[tuple[float, float]], *, s
              "seeds": []}
     earlier = _earlier(out / "search.json")
 
-    def trial_dir(i):
-        return out / f"trial_{i:02d}"
-
     for i, (lr, wd) in enumerate(candidates):
-        cfg = base.replace(lr=lr, weight_decay=wd, test=False, progress=False, out_dir=str(trial_dir(i)))
-        rec = {"trial": i, "lr": lr, "weight_decay": wd, "run": str(trial_dir(i)),
-               **_attempt(cfg, data, earlier["trials"].get(i))}
-        rec = {k: v for k, v in rec.items() if not k.startswith("test") and k != "n_test"}  # val numbers only
+        rec = trial_run(base, i, lr, wd, out, data, earlier["trials"].get(i))
         state["trials"].append(rec)
         write_json(out / "search.json", state)
         if on_run is not None:
             on_run("trial", rec)
 
-    chosen = select_best(state["trials"])
-    state["chosen"] = {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
-                       selection_key(state["trials"]): chosen[selection_key(state["trials"])], "run": chosen["run"],
-                       "edges": search_edges(state["trials"], chosen)}
+    chosen = state["chosen"] = chosen_record(state["trials"])
     for s in range(seeds):
         seed = base.seed + s
-        run = Path(chosen["run"]) if seed == base.seed else out / f"seed_{seed}"
-        cfg = base.replace(lr=chosen["lr"], weight_decay=chosen["weight_decay"], seed=seed, test=True,
-                           progress=False, out_dir=str(run))
-        rec = {"seed": seed, "run": str(run), **_attempt(cfg, data, earlier["seeds"].get(seed))}
+        rec = seed_run(base, chosen, seed, out, data, earlier["seeds"].get(seed))
         state["seeds"].append(rec)
         write_json(out / "search.json", state)
         if on_run is not None:

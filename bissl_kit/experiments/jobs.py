@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..engine import Job, Ref, Resources
-from ..hpo import _attempt, _earlier, search_edges, select_best, selection_key, write_json
+from ..hpo import _earlier, chosen_record, seed_run, trial_run, write_json
 from .replicates import Replicate, check_bissl_run, matched_config, run_matched, short_key, slug
 
 # the fields of CompareConfig that every fine-tuning run of the search copies
@@ -64,18 +64,13 @@ def task_data(task: str, options: dict):
 def trial_job(base: dict, trial: int, lr: float, wd: float, search_dir: str) -> dict:
     """One search trial (val numbers only; the test split is never loaded)."""
     from ..finetune import FinetuneConfig
-    run = Path(search_dir) / f"trial_{trial:02d}"
-    cfg = FinetuneConfig.from_dict(base).replace(lr=lr, weight_decay=wd, test=False, progress=False, out_dir=str(run))
     before = _earlier(Path(search_dir) / "search.json")["trials"].get(trial)
-    rec = {"trial": trial, "lr": lr, "weight_decay": wd, "run": str(run), **_attempt(cfg, None, before)}
-    return {k: v for k, v in rec.items() if not k.startswith("test") and k != "n_test"}
+    return trial_run(FinetuneConfig.from_dict(base), trial, lr, wd, Path(search_dir), None, before)
 
 
 def choose_job(trials: list, base: dict, candidates: list, search_dir: str) -> dict:
     """The best trial on val (ties to the earlier one); records the trials so far in ``search.json``."""
-    chosen, key = select_best(trials), selection_key(trials)  # val_top1, or val_map for a multi-label task
-    chosen = {"trial": chosen["trial"], "lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
-              key: chosen[key], "run": chosen["run"], "edges": search_edges(trials, chosen)}
+    chosen = chosen_record(trials)
     path = Path(search_dir) / "search.json"
     seeds = list(_earlier(path)["seeds"].values())  # kept until the seeds are read back
     write_json(path, {"base": base, "candidates": candidates, "trials": trials, "chosen": chosen, "seeds": seeds})
@@ -83,14 +78,10 @@ def choose_job(trials: list, base: dict, candidates: list, search_dir: str) -> d
 
 
 def seed_job(base: dict, chosen: dict, seed: int, search_dir: str) -> dict:
-    """A final run at the chosen values; the trial seed's run *is* the chosen trial, continued to test."""
+    """A final run at the chosen values (:func:`bissl_kit.hpo.seed_run`)."""
     from ..finetune import FinetuneConfig
-    b = FinetuneConfig.from_dict(base)
-    run = Path(chosen["run"]) if seed == b.seed else Path(search_dir) / f"seed_{seed}"
-    cfg = b.replace(lr=chosen["lr"], weight_decay=chosen["weight_decay"], seed=seed, test=True, progress=False,
-                    out_dir=str(run))
     before = _earlier(Path(search_dir) / "search.json")["seeds"].get(seed)
-    return {"seed": seed, "run": str(run), **_attempt(cfg, None, before)}
+    return seed_run(FinetuneConfig.from_dict(base), chosen, seed, Path(search_dir), None, before)
 
 
 # ---- the graph --------------------------------------------------------------------------------------------

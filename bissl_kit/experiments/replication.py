@@ -13,21 +13,22 @@ from __future__ import annotations
 from ..stats import crossed_test, replicate_test, variance_split
 
 
-def paired_differences(entry: dict, a: str, b: str, metric: str) -> list[float]:
-    """The per-fine-tuning-seed differences a − b of one replicate's entry (seeds both arms finished)."""
+def differences_by_seed(entry: dict, a: str, b: str, metric: str) -> dict[int, float]:
+    """{fine-tuning seed: a − b} of one replicate's entry, over the seeds both arms finished, in seed order."""
     sa = {s["seed"]: s for s in entry["arms"][a]["seeds"] if s["status"] == "ok"}
     sb = {s["seed"]: s for s in entry["arms"][b]["seeds"] if s["status"] == "ok"}
-    return [sa[s][metric] - sb[s][metric] for s in sorted(set(sa) & set(sb))]
+    return {s: sa[s][metric] - sb[s][metric] for s in sorted(set(sa) & set(sb))}
+
+
+def paired_differences(entry: dict, a: str, b: str, metric: str) -> list[float]:
+    """The per-fine-tuning-seed differences a − b of one replicate's entry (seeds both arms finished)."""
+    return list(differences_by_seed(entry, a, b, metric).values())
 
 
 def crossed(reps: list[dict], a: str, b: str, metric: str) -> dict | None:
     """The run × fine-tuning-seed test (:func:`bissl_kit.stats.crossed_test`) on the seeds every replicate
     finished; None when fewer than two seeds are common to all."""
-    per = []
-    for e in reps:
-        sa = {s["seed"]: s for s in e["arms"][a]["seeds"] if s["status"] == "ok"}
-        sb = {s["seed"]: s for s in e["arms"][b]["seeds"] if s["status"] == "ok"}
-        per.append({s: sa[s][metric] - sb[s][metric] for s in set(sa) & set(sb)})
+    per = [differences_by_seed(e, a, b, metric) for e in reps]
     common = sorted(set.intersection(*(set(p) for p in per))) if per else []
     if len(per) < 2 or len(common) < 2:
         return None

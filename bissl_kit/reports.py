@@ -105,27 +105,30 @@ def replication_table(records: list[dict]) -> str:
         runs_only = f"[{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}], {r['p']:.3g}"
         c = r.get("crossed")
         if c:
-            sds = f"{_points_sd(c['var_run'])} / {_points_sd(c['var_seed'])} / {_points_sd(c['var_residual'])}"
-            head = (f"{r['n']} × {c['seeds']} | {per} | {100 * c['mean_diff']:+.2f} [{_pts(c['lo'])}, {_pts(c['hi'])}] "
-                    f"| {_num(c['t'], '.2f')} ({_num(c['df'], '.1f')}) | {_num(c['p'], '.3g')}")
+            sds = " / ".join(points_sd_text(c[k]) for k in ("var_run", "var_seed", "var_residual"))
+            ci = f"[{points_text(c['lo'])}, {points_text(c['hi'])}]"
+            head = (f"{r['n']} × {c['seeds']} | {per} | {100 * c['mean_diff']:+.2f} {ci} "
+                    f"| {num_text(c['t'], '.2f')} ({num_text(c['df'], '.1f')}) | {num_text(c['p'], '.3g')}")
         else:  # the replicates share fewer than two seeds: only the t over the runs
             v = r["variance"]
-            sds = f"{_points_sd(v['var_between'])} / n/a / {_points_sd(v['var_within'])}"
+            sds = f"{points_sd_text(v['var_between'])} / n/a / {points_sd_text(v['var_within'])}"
             head = f"{r['n']} × – | {per} | n/a | n/a | n/a"
         lines.append(f"| {r['task']} | {ARM_LABELS[r['a']]} − {ARM_LABELS[r['b']]} | {r['metric']} | {head} | "
                      f"{runs_only} | {sds} |")
     return "\n".join(lines) + "\n"
 
 
-def _num(x, fmt: str) -> str:
+# the tables' number formats, shared with the sweep's table (bissl_kit.experiments.sweep); NaN and None are "n/a"
+
+def num_text(x, fmt: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _pts(x) -> str:
+def points_text(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}"
 
 
-def _points_sd(var) -> str:
+def points_sd_text(var) -> str:
     return "n/a" if var is None or math.isnan(var) else f"{100 * math.sqrt(var):.2f}"
 
 

@@ -24,7 +24,7 @@ from ..config import ConfigError, param
 from ..compare import CompareConfig, run_comparison
 from ..files import check_folder, write_text_atomic
 from ..hpo import write_json
-from ..reports import ARM_LABELS
+from ..reports import ARM_LABELS, num_text, points_sd_text, points_text
 from ..rundir import RunLock
 from .jobs import SEARCH_FIELDS
 from .replicates import RUNNING_FIELDS
@@ -216,10 +216,6 @@ def csv_text(sweep: dict) -> str:
     return buf.getvalue()
 
 
-def _pts(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}"
-
-
 def sweep_table(sweep: dict, metric: str = "test_top1") -> str:
     """The sensitivity table: per point and task, BiSSL − baseline with its CI, t, p and the variance split."""
     lines = ["| point | task | difference | unit (n) | mean diff, points [95% CI] | t (df) | p "
@@ -227,13 +223,13 @@ def sweep_table(sweep: dict, metric: str = "test_top1") -> str:
     for r in sweep["rows"]:
         if r["metric"] != metric or not r["n"]:
             continue
-        sd = " / ".join("n/a" if v is None or math.isnan(v) else f"{100 * math.sqrt(v):.2f}"
-                        for v in (r["var_between"], r["var_within"], r.get("var_residual", math.nan)))
+        sd = " / ".join(points_sd_text(v) for v in (r["var_between"], r["var_within"], r.get("var_residual", math.nan)))
         t = "n/a" if r["t"] is None or math.isnan(r["t"]) else f"{r['t']:.2f} ({r['df']:.3g})"
-        p = "n/a" if r["p"] is None or math.isnan(r["p"]) else f"{r['p']:.3g}"
+        p = num_text(r["p"], ".3g")
         n = f"{r['n']} × {r['seeds']}" if r.get("seeds") else f"{r['n']}"
+        diff = f"{points_text(r['mean_diff'])} [{points_text(r['lo'])}, {points_text(r['hi'])}]"
         lines.append(f"| {r['point']} | {r['task']} | {ARM_LABELS[r['a']]} − {ARM_LABELS[r['b']]} | {r['unit']} "
-                     f"({n}) | {_pts(r['mean_diff'])} [{_pts(r['lo'])}, {_pts(r['hi'])}] | {t} | {p} | {sd} |")
+                     f"({n}) | {diff} | {t} | {p} | {sd} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[notebooks,test]'
+	# compat: the checkout on sys.path through a .pth file; the default (lenient) mode warns on every set-up
+	$(BIN)/pip install --quiet -e '.[notebooks,test]' --config-settings editable_mode=compat
 	touch $@
 
 # Fashion-MNIST for the pretext task: found locally, or from the Debian package (installed when root).
